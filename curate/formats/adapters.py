@@ -1,0 +1,180 @@
+"""Raw input records -> canonical conversations (`Normalized`), one format adapter per input style.
+
+The ingest stage calls one function per file, `iter_normalized`, on what `curate.io.readers.read_records`
+yielded. Formats are detected per record, first match in `FORMATS` order; each one's detection rule is
+the predicate in `_MATCHES`, its conversion a `convert_*` function in conversations.py, agents.py or webshop.py.
+Everything a format does not decide (recorded outcome, `ground_truth` field, final validation) is done
+once here, so all formats agree on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+from curate.formats.agents import TRANSCRIPT_KEYS, convert_actions, convert_transcript
+from curate.formats.conversations import (
+    CHAT_LIST_KEYS,
+    COMPLETION_KEYS,
+    Converted,
+    convert_alpaca,
+    convert_hh,
+    convert_messages,
+    convert_prompt_completion,
+    convert_question_answer,
+    convert_sharegpt,
+)
+from curate.formats.records import (
+    BadRecord,
+    Normalized,
+    as_ground_truth,
+    recorded_reward,
+    type_name,
+    validate_messages,
+)
+from curate.formats.webshop import convert_webshop_session, group_sessions, is_page_visit
+from curate.io.readers import RawError
+
+__all__ = ["FORMATS", "BadRecord", "Normalized", "detect_format", "iter_normalized", "normalize", "record_id"]
+
+FORMATS = (
+    "messages", "sharegpt", "prompt_completion", "question_answer", "alpaca",
+    "hh", "transcript", "actions", "webshop_session",
+)
+# An `answer` field longer than this is a worked solution, not a checkable final answer.
+MAX_ANSWER_CHARS = 100
+
+
+def _has_role_list(raw: dict) -> bool:
+    """`messages`, or a `conversation(s)` list of {role, content} (ShareGPT uses {from, value})."""
+    if "messages" in raw:
+        return True
+    lists = (raw.get(k) for k in CHAT_LIST_KEYS[1:])
+    return any(isinstance(v, list) and v and isinstance(v[0], dict) and "role" in v[0] for v in lists)
+
+
+_MATCHES: dict[str, Callable[[dict], bool]] = {
+    "messages": _has_role_list,
+    "sharegpt": lambda r: "conversations" in r or "conversation" in r,
+    "prompt_completion": lambda r: "prompt" in r and any(k in r for k in COMPLETION_KEYS),
+    "question_answer": lambda r: {"question", "answer"} <= r.keys() or {"problem", "solution"} <= r.keys(),
+    "alpaca": lambda r: "instruction" in r and ("output" in r or "instances" in r),
+    "hh": lambda r: "chosen" in r,
+    "transcript": lambda r: any(k in r for k in TRANSCRIPT_KEYS),
+    "actions": lambda r: "action_history" in r,
+    "webshop_session": lambda r: is_page_visit(r) or isinstance(r.get("pages"), list),
+}
+_CONVERTERS: dict[str, Callable[[dict], Converted]] = {
+    "messages": convert_messages,
+    "sharegpt": convert_sharegpt,
+    "prompt_completion": convert_prompt_completion,
+    "question_answer": convert_question_answer,
+    "alpaca": convert_alpaca,
+    "hh": convert_hh,
+    "transcript": convert_transcript,
+    "actions": convert_actions,
+}
+
+
+def _keys(raw: dict) -> str:
+    keys = sorted(map(str, raw))
+    return str(keys[:20])[:-1] + (", ...]" if len(keys) > 20 else "]")
+
+
+def detect_format(raw: dict) -> str:
+    """The first format in `FORMATS` whose keys the record has."""
+    if not isinstance(raw, dict):
+        raise BadRecord(f"record is not an object, got {type_name(raw)}")
+    for fmt in FORMATS:
+        if _MATCHES[fmt](raw):
+            return fmt
+    raise BadRecord(f"unrecognised record: keys {_keys(raw)}")
+
+
+def normalize(raw: dict, fmt: str = "auto") -> Normalized:
+    """One raw record -> `Normalized`, or BadRecord with the reason. `fmt` forces a format."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+    if fmt == "auto":
+        fmt = detect_format(raw)
+    elif not isinstance(raw, dict) or not _MATCHES[fmt](raw):
+        what = f"keys {_keys(raw)}" if isinstance(raw, dict) else f"got {type_name(raw)}"
+        raise BadRecord(f"record does not fit format '{fmt}': {what}")
+    if fmt == "webshop_session":
+        messages, truth, reward = convert_webshop_session(raw)
+    else:
+        (messages, truth), reward = _CONVERTERS[fmt](raw), recorded_reward(raw)
+    validate_messages(messages)
+    return Normalized(fmt, messages, _ground_truth(raw, truth, messages), reward)
+
+
+def _ground_truth(raw: dict, from_format: str | None, messages: list[dict]) -> str | None:
+    """An explicit `ground_truth` field wins; then the format's own rule; then a short `answer`."""
+    explicit = as_ground_truth(raw.get("ground_truth"))
+    if explicit is not None or from_format is not None:
+        return explicit if explicit is not None else from_format
+    answer = raw.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        return None
+    answer = str(answer).strip()
+    replies = {m["content"].strip() for m in messages if m["role"] == "assistant"}
+    return answer if answer and len(answer) <= MAX_ANSWER_CHARS and answer not in replies else None
+
+
+def record_id(n: Normalized) -> str:
+    """sha256 (32 hex chars) of the canonical JSON of messages, ground truth and reward.
+
+    The format and the source are left out on purpose: the same demonstration read from two files or
+    two formats gets the same id, which is what deduplication keys on.
+    """
+    canonical = json.dumps(
+        {"messages": n.messages, "ground_truth": n.ground_truth, "reward": n.reward},
+        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+
+
+def _attempt(raw: dict, fmt: str) -> Normalized | BadRecord:
+    try:
+        return normalize(raw, fmt)
+    except BadRecord as e:
+        return e
+
+
+def _is_session_line(item: dict | RawError, fmt: str) -> bool:
+    if fmt not in ("auto", "webshop_session") or not isinstance(item, dict) or not is_page_visit(item):
+        return False
+    return fmt == "webshop_session" or detect_format(item) == "webshop_session"
+
+
+def iter_normalized(
+    path: str | os.PathLike, items: Iterable[tuple[int, dict | RawError]], fmt: str = "auto"
+) -> Iterator[tuple[int, dict | str, Normalized | BadRecord]]:
+    """Normalise one file's records: yields (source_index, raw dict or raw text, Normalized or BadRecord).
+
+    `items` is `read_records(path)`. Unparseable lines come through as BadRecord with the reader's
+    reason and their raw text. WebShop page-visit lines are grouped (consecutive lines of one session
+    id, `path` standing in when a URL has none) into one record per session, whose source_index is
+    its first line and whose raw dict is {"session_id", "pages"}. Output is in source_index order.
+    """
+    pending: list[tuple[int, dict]] = []
+    for index, item in items:
+        if _is_session_line(item, fmt):
+            pending.append((index, item))
+            continue
+        yield from _sessions(pending, path)
+        pending = []
+        if isinstance(item, RawError):
+            yield index, item.raw, BadRecord(item.reason)
+        else:
+            yield index, item, _attempt(item, fmt)
+    yield from _sessions(pending, path)
+
+
+def _sessions(
+    visits: list[tuple[int, dict]], path: str | os.PathLike
+) -> Iterator[tuple[int, dict, Normalized | BadRecord]]:
+    for start, session in group_sessions(visits, str(path)):
+        yield start, session, _attempt(session, "webshop_session")

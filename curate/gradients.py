@@ -1,0 +1,112 @@
+"""Per-example, per-module gradient norms in one batched forward/backward.
+
+For a linear layer y = x Wᵀ the gradient of example i's loss is ∇W ℓ_i = G_iᵀ A_i, where A_i (T×d_in)
+are the layer's inputs and G_i (T×d_out) the loss gradients at its outputs over i's tokens. We never form
+the batch's weight gradient: parameters are frozen and autograd only flows through activations. A hook
+captures A when the layer runs forward and, as soon as G arrives in backward, reduces the pair to
+‖G_iᵀA_i‖²_F for every example and drops A. Two exact ways to get that number, chosen per layer by cost:
+  - product: form G_iᵀA_i (d_out×d_in) and square-sum it        ~ T·d_in·d_out multiply-adds
+  - Gram:    Σ_ts (A_iA_iᵀ)_ts (G_iG_iᵀ)_ts                      ~ T²·(d_in+d_out)
+Examples in a batch do not interact (causal attention, right padding, no batch statistics), so backward
+of Σ_i ℓ_i gives each example its own G_i; padded positions have zero G and are masked out of A too."""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The projection matrices PRISM measures, in their order within a decoder layer (Llama/Qwen/Mistral names).
+DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def probed_modules(model: nn.Module, names: tuple[str, ...] = DEFAULT_MODULES) -> list[tuple[str, nn.Linear]]:
+    """Linear layers whose last name component is in `names`, ordered by (layer index, position in
+    `names`): for SmolLM2, q,k,v,o,gate,up,down of layer 0, then of layer 1, ..."""
+    found = []
+    for full, mod in model.named_modules():
+        leaf = full.rsplit(".", 1)[-1]
+        if leaf in names and isinstance(mod, nn.Linear):
+            layer = _LAYER.search(full)
+            found.append(((int(layer.group(1)) if layer else -1, names.index(leaf)), full, mod))
+    if not found:
+        raise ValueError(f"no linear modules named {names} in {type(model).__name__}; "
+                         "set probe module names for this architecture")
+    return [(full, mod) for _, full, mod in sorted(found, key=lambda x: x[0])]
+
+
+def per_example_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """‖G_iᵀA_i‖²_F for each i, a: (B,T,d_in), g: (B,T,d_out), in fp32, by the cheaper exact form."""
+    a, g = a.float(), g.float()
+    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if t * (d_in + d_out) < d_in * d_out:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+    return torch.bmm(g.transpose(1, 2), a).square().sum(dim=(1, 2))
+
+
+@dataclass
+class ProbeResult:
+    loss: torch.Tensor        # (B,) mean NLL over each example's loss tokens
+    sq_norms: torch.Tensor    # (B, M) squared Frobenius norms, modules in probed_modules order
+
+
+@contextmanager
+def _capture(modules: list[tuple[str, nn.Linear]], token_mask: torch.Tensor, out: torch.Tensor):
+    """Hooks that write ‖∇W_m ℓ_i‖² into out[:, m] during backward."""
+    handles = []
+
+    def make_hook(m: int):
+        def forward_hook(_mod, inputs, output):
+            acts = inputs[0].detach() * token_mask  # padded positions contribute exactly zero
+
+            def grad_hook(grad):
+                nonlocal acts
+                out[:, m] = per_example_sq_norm(acts, grad)
+                acts = None  # free this layer's activations as soon as its norms exist
+
+            output.register_hook(grad_hook)
+        return forward_hook
+
+    try:
+        for m, (_, mod) in enumerate(modules):
+            handles.append(mod.register_forward_hook(make_hook(m)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              loss_mask: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example mean NLL over positions where loss_mask is 1 (a token counts as a target).
+    The LM head runs only on target positions: it is the largest matmul and most positions are context."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    if inputs_embeds is None:
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+    hidden = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+    targets = loss_mask[:, 1:].bool()
+    rows, cols = targets.nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(hidden[rows, cols])  # predicts token cols+1
+    nll = F.cross_entropy(logits.float(), input_ids[rows, cols + 1], reduction="none")
+    counts = targets.sum(dim=1)
+    per_example = torch.zeros(input_ids.shape[0], device=nll.device).index_add_(0, rows, nll)
+    return per_example / counts.clamp(min=1)
+
+
+def probe_batch(model: nn.Module, modules: list[tuple[str, nn.Linear]], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                autocast_dtype: torch.dtype | None = None) -> ProbeResult:
+    """Loss and per-module squared gradient norms for a right-padded batch; model parameters frozen."""
+    sq = torch.zeros(input_ids.shape[0], len(modules), device=input_ids.device, dtype=torch.float32)
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    with _capture(modules, mask, sq), torch.autocast(
+            input_ids.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = token_nll(model, input_ids, attention_mask, loss_mask, inputs_embeds=embeds)
+        loss.sum().backward()  # Σ_i ℓ_i: each example's gradient is its own
+    return ProbeResult(loss.detach(), sq)

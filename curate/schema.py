@@ -1,0 +1,60 @@
+"""Column contracts: the JSON Schemas in schemas/ and the Arrow schemas built from them.
+
+Code imports column lists from here, so a stage can only write columns the schema knows."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+_X_ARROW = {"float32": pa.float32(), "float64": pa.float64(), "int32": pa.int32(),
+            "list<float32>": pa.list_(pa.float32()), "list<int32>": pa.list_(pa.int32())}
+_JSON_TYPE = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
+
+
+@lru_cache(maxsize=None)
+def load_json_schema(name: str) -> dict:
+    path = SCHEMA_DIR / f"{name}.schema.json"
+    if not path.exists():  # installed without the repo: schemas ship inside the package
+        path = Path(__file__).resolve().parent / "schemas" / f"{name}.schema.json"
+    return json.loads(path.read_text())
+
+
+def _arrow_type(prop: dict) -> pa.DataType:
+    if "x-arrow" in prop:
+        return _X_ARROW[prop["x-arrow"]]
+    if "$ref" in prop and prop["$ref"].endswith("/messages"):
+        return MESSAGES
+    kind = prop["type"]
+    if isinstance(kind, list):  # ["string", "null"]: nullability is Arrow's default
+        kind = next(k for k in kind if k != "null")
+    if kind == "array" and prop["items"].get("type") == "object":
+        return MESSAGES
+    return _JSON_TYPE[kind]
+
+
+@lru_cache(maxsize=None)
+def arrow_schema(name: str) -> pa.Schema:
+    """Arrow schema for a JSON Schema in schemas/, fields in declaration order."""
+    props = load_json_schema(name)["properties"]
+    return pa.schema([pa.field(col, _arrow_type(p)) for col, p in props.items()])
+
+
+def columns(name: str) -> tuple[str, ...]:
+    return tuple(arrow_schema(name).names)
+
+
+RECORD = "record"
+ROUTED = "routed"
+# Columns a routed row has beyond the canonical record, written by the signal stages.
+TOKEN_COLUMNS = ("n_tokens", "n_loss_tokens", "truncated")
+PROBE_COLUMNS = ("probe_loss", "grad_norms", "grad_norm_total")
+SCORE_COLUMNS = ("gini", "cv", "kurtosis", "magnitude", "random")
+METRICS = ("gini", "cv", "kurtosis", "magnitude", "random")

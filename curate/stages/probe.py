@@ -1,0 +1,113 @@
+"""Stage `probe`: PRISM's gradient statistics under the frozen probe model.
+
+Examples are sorted by length and packed into batches of at most `batch_tokens` padded tokens, so a
+batch wastes little on padding; results go back to input order. Batch composition never changes a
+number (see curate.gradients), which is why batch_tokens and device are not part of the cache key."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from curate import gradients, models
+from curate.stages.base import Stage
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ProbeConfig:
+    model: str | None = None                   # None: the embedded SmolLM2-135M-Instruct
+    device: str = "auto"                       # auto: cuda when present
+    dtype: str = "auto"                        # auto: bf16 autocast on cuda, fp32 on cpu
+    batch_tokens: int = 8192                   # padded tokens per forward/backward
+    modules: tuple[str, ...] = gradients.DEFAULT_MODULES
+
+
+def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so that len(batch) * longest <= batch_tokens (one at least)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def resolved_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return dtype
+
+
+class Probe(Stage):
+    name = "probe"
+    reads = ("input_ids", "loss_mask", "token_error")
+    writes = pa.schema([("probe_loss", pa.float32()), ("grad_norms", pa.list_(pa.float32())),
+                        ("grad_norm_total", pa.float32())])
+
+    def identity(self) -> dict:
+        c = self.config
+        device = models.resolve_device(c.device)
+        return {"stage": self.name, "model": models.identity(models.resolve(c.model)),
+                "dtype": resolved_dtype(c.dtype, device), "modules": list(c.modules)}
+
+    def describe(self) -> dict:
+        """The grad_norms order: module names, layer by layer."""
+        model = models.load_model(models.resolve(self.config.model), models.resolve_device(self.config.device))
+        return {"modules": [n for n, _ in gradients.probed_modules(model, tuple(self.config.modules))]}
+
+    def run(self, shard: pa.Table) -> pa.Table:
+        c = self.config
+        device = models.resolve_device(c.device)
+        model = models.load_model(models.resolve(c.model), device)
+        modules = gradients.probed_modules(model, tuple(c.modules))
+        autocast = DTYPES[resolved_dtype(c.dtype, device)]
+        ids = shard.column("input_ids").to_pylist()
+        masks = shard.column("loss_mask").to_pylist()
+        valid = [i for i, err in enumerate(shard.column("token_error").to_pylist()) if err is None]
+        loss = np.full(len(ids), np.nan, dtype=np.float32)
+        sq = np.full((len(ids), len(modules)), np.nan, dtype=np.float64)
+        bar = tqdm(total=len(valid), desc="probe", unit="ex", leave=False)
+        start, n_tok = time.perf_counter(), 0
+        for batch in token_batches([len(ids[i]) for i in valid], c.batch_tokens):
+            rows = [valid[b] for b in batch]
+            input_ids, attention, loss_mask = _pad([ids[r] for r in rows], [masks[r] for r in rows], device)
+            res = gradients.probe_batch(model, modules, input_ids, attention, loss_mask, autocast)
+            loss[rows] = res.loss.cpu().numpy()
+            sq[rows] = res.sq_norms.double().cpu().numpy()
+            n_tok += int(attention.sum())
+            bar.update(len(rows))
+            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - start):.0f}")
+        bar.close()
+        norms = np.sqrt(sq)
+        total = np.sqrt(sq.sum(axis=1))
+        out = pa.table({
+            "probe_loss": pa.array(loss, mask=np.isnan(loss)),
+            "grad_norms": pa.array([None if np.isnan(r[0]) else r.astype(np.float32) for r in norms],
+                                   type=pa.list_(pa.float32())),
+            "grad_norm_total": pa.array(total.astype(np.float32), mask=np.isnan(total)),
+        })
+        return self.check(shard, out)
+
+
+def _pad(ids: list[list[int]], masks: list[list[int]], device: str):
+    """Right padding: causal attention keeps pads from touching real tokens."""
+    t = max(len(x) for x in ids)
+    input_ids = torch.zeros(len(ids), t, dtype=torch.long)
+    attention = torch.zeros(len(ids), t, dtype=torch.long)
+    loss_mask = torch.zeros(len(ids), t, dtype=torch.long)
+    for r, (x, m) in enumerate(zip(ids, masks)):
+        input_ids[r, : len(x)] = torch.tensor(x)
+        attention[r, : len(x)] = 1
+        loss_mask[r, : len(m)] = torch.tensor(m)
+    return input_ids.to(device), attention.to(device), loss_mask.to(device)

@@ -1,0 +1,72 @@
+"""Stage `route`: the only stage that decides. Concentration scores from the cached gradient norms,
+a corpus-level threshold, and the sft/rl partitions. Cheap, so re-routing never recomputes gradients.
+
+Score <= threshold -> sft (diffuse update), above -> rl (concentrated update); --reverse swaps them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import chat, concentration, schema
+
+
+@dataclass
+class RouteConfig:
+    metric: str = "gini"                 # gini | cv | kurtosis | magnitude | random
+    quantile: float = 0.5                # threshold = this quantile of the corpus scores ...
+    threshold: float | None = None       # ... unless a fixed threshold is given
+    reverse: bool = False                # send high scores to sft instead (PRISM's ablation)
+    seed: int = 0                        # for the `random` control metric
+
+    def __post_init__(self):
+        if self.metric not in schema.METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose from {', '.join(schema.METRICS)}")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {self.quantile}")
+
+
+def scores(ids: list[str], grad_norms: pa.ChunkedArray | pa.Array, seed: int) -> dict[str, np.ndarray]:
+    """Every metric for rows that have gradient norms (callers drop the rest first), as the float32
+    values the columns hold: the threshold is then one of those values and compares exactly."""
+    g = np.asarray(pc.list_flatten(grad_norms).to_numpy(zero_copy_only=False), dtype=np.float64)
+    g = g.reshape(len(ids), -1) if len(ids) else g.reshape(0, 0)
+    return {k: v.astype(np.float32) for k, v in concentration.all_metrics(g, ids, seed).items()}
+
+
+def corpus_threshold(values: np.ndarray, config: RouteConfig) -> float:
+    """A fixed threshold, or the smallest score s with at least quantile·n scores <= s, so that the
+    default median split sends half the corpus to each side (ties go together, to sft)."""
+    if config.threshold is not None:
+        return float(config.threshold)
+    if len(values) == 0:
+        return float("nan")
+    return float(np.quantile(values, config.quantile, method="inverted_cdf"))
+
+
+def assign(values: np.ndarray, threshold: float, reverse: bool) -> np.ndarray:
+    low = values <= threshold
+    return np.where(low ^ reverse, "sft", "rl")
+
+
+def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold: float,
+                config: RouteConfig) -> pa.Table:
+    """Join one shard's columns, keep rows with gradient norms, add scores and the route."""
+    keep = pc.invert(pc.is_null(probe.column("grad_norms")))
+    records, tokens, probe = records.filter(keep), tokens.filter(keep), probe.filter(keep)
+    ids = records.column("id").to_pylist()
+    metrics = scores(ids, probe.column("grad_norms"), config.seed)
+    cols = {name: records.column(name) for name in schema.columns(schema.RECORD)}
+    cols["prompt"] = pa.array([chat.prompt_messages(m) for m in records.column("messages").to_pylist()],
+                              type=schema.MESSAGES)
+    cols.update({name: tokens.column(name) for name in schema.TOKEN_COLUMNS})
+    cols.update({name: probe.column(name) for name in schema.PROBE_COLUMNS})
+    cols.update(metrics)
+    cols["score"] = metrics[config.metric]
+    cols["route"] = assign(metrics[config.metric], threshold, config.reverse)
+    cols["threshold"] = np.full(len(ids), threshold)
+    target = schema.arrow_schema(schema.ROUTED)
+    return pa.table({name: cols[name] for name in target.names}).cast(target)

@@ -1,0 +1,139 @@
+"""`curate prism` end to end with a tiny random Llama (fast): outputs, counts, cache, re-route, exactness."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from curate import chat, models
+from curate.cli import main
+from curate.io.atomic import read_arrow
+from tests.test_gradients import naive_norms
+
+
+@pytest.fixture
+def raw_dir(tmp_path, shared_data):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    gsm = (shared_data / "gsm8k" / "train.lines1-2000.jsonl").read_text().splitlines()[:6]
+    alf = (shared_data / "alfworld_knowagent_trajs" / "KnowAgentALFWorld_llama-2-13b_D0.even_tasks.jsonl"
+           ).read_text().splitlines()[:3]
+    bad = ['{"question": "truncated', json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
+           gsm[0]]  # the last one is an exact duplicate of a GSM8K record
+    (raw / "gsm8k.jsonl").write_text("\n".join(gsm) + "\n")
+    (raw / "sub").mkdir()
+    (raw / "sub" / "alfworld.jsonl").write_text("\n".join(alf) + "\n")
+    (raw / "sub" / "bad.jsonl").write_text("\n".join(bad) + "\n")
+    return raw
+
+
+def prism(raw_dir, out, model, *extra):
+    return main(["prism", "--input", str(raw_dir), "--out", str(out), "--model", model,
+                 "--max-length", "384", "--batch-tokens", "1024", "--shard-size", "4", *extra])
+
+
+def load(out, part):
+    files = sorted((out / part).glob("*.arrow"))
+    return pa.concat_tables([read_arrow(f) for f in files]) if files else None
+
+
+def test_prism_end_to_end(raw_dir, tmp_path, tiny_model_dir):
+    out = tmp_path / "routed"
+    assert prism(raw_dir, out, tiny_model_dir) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    c = manifest["counts"]
+    assert c == {**c, "input": 12, "duplicates": 1, "quarantined": 2, "sft": 5, "rl": 4}
+    assert c["input"] == c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"]
+    assert sorted(os.listdir(out)) == [".work", "manifest.json", "quarantine", "rl", "sft"]
+    assert all(f.suffix == ".arrow" for p in ("sft", "rl") for f in (out / p).iterdir())
+
+    quarantine = [json.loads(x) for x in (out / "quarantine" / "part-00000.jsonl").read_text().splitlines()]
+    assert [(q["source"].endswith("bad.jsonl"), q["source_index"]) for q in quarantine] == [(True, 0), (True, 1)]
+    assert "malformed JSON" in quarantine[0]["reason"] and "assistant" in quarantine[1]["reason"]
+
+    sft, rl = load(out, "sft"), load(out, "rl")
+    rows = pa.concat_tables([sft, rl]).to_pylist()
+    assert {r["route"] for r in sft.to_pylist()} == {"sft"} and {r["route"] for r in rl.to_pylist()} == {"rl"}
+    thr = manifest["routing"]["threshold"]
+    assert max(sft.column("score").to_pylist()) <= thr < min(rl.column("score").to_pylist())
+    assert all(len(r["grad_norms"]) == 14 == len(manifest["modules"]) for r in rows)
+    assert all(r["score"] == r["gini"] for r in rows)
+    first = next(r for r in rows if r["source"].endswith("gsm8k.jsonl") and r["source_index"] == 0)
+    assert first["ground_truth"] == "72" and first["prompt"] == first["messages"][:1]
+    alf = [r for r in rows if "alfworld" in r["source"]]
+    assert len(alf) == 3 and all(r["reward"] in (0.0, 1.0) for r in alf)
+
+
+def test_output_norms_equal_naive_autograd(raw_dir, tmp_path, tiny_model_dir):
+    """The whole path (ingest, chat template, padding, batching, shards) against one-example autograd."""
+    out = tmp_path / "routed"
+    prism(raw_dir, out, tiny_model_dir)
+    ref = models.resolve(tiny_model_dir)
+    tok, model = models.load_tokenizer(ref), models.load_model(ref, "cpu")
+    rows = pa.concat_tables([load(out, "sft"), load(out, "rl")]).to_pylist()
+    for row in rows[:4]:
+        enc = chat.encode(tok, row["messages"], 384)
+        loss, norms = naive_norms(model, enc.input_ids, enc.loss_mask)
+        assert row["probe_loss"] == pytest.approx(loss, rel=1e-4)
+        torch.testing.assert_close(torch.tensor(row["grad_norms"], dtype=torch.float64), norms, rtol=1e-4, atol=0)
+        assert row["n_tokens"] == len(enc.input_ids) and row["n_loss_tokens"] == sum(enc.loss_mask)
+
+
+def test_rerun_is_a_cache_hit_with_identical_bytes(raw_dir, tmp_path, tiny_model_dir):
+    out = tmp_path / "routed"
+    prism(raw_dir, out, tiny_model_dir)
+    before = {p: p.read_bytes() for p in sorted(out.glob("[sr]*/*.arrow"))}
+    probe_files = {p: p.stat().st_mtime_ns for p in (out / ".work" / "probe").glob("*.arrow")}
+    prism(raw_dir, out, tiny_model_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cache"]["probe"]["computed"] == 0 and manifest["cache"]["tokenize"]["computed"] == 0
+    assert {p: p.read_bytes() for p in sorted(out.glob("[sr]*/*.arrow"))} == before
+    assert {p: p.stat().st_mtime_ns for p in (out / ".work" / "probe").glob("*.arrow")} == probe_files
+
+    # a different batch size packs other batch mates: the same numbers up to float32 summation order
+    out2 = tmp_path / "again"
+    prism(raw_dir, out2, tiny_model_dir, "--batch-tokens", "300")
+    for part in ("sft", "rl"):
+        a, b = load(out, part), load(out2, part)
+        assert a.column("id").to_pylist() == b.column("id").to_pylist()
+        np.testing.assert_allclose(np.array(b.column("grad_norms").to_pylist()),
+                                   np.array(a.column("grad_norms").to_pylist()), rtol=1e-5)
+
+
+def test_reroute_uses_cached_gradients(raw_dir, tmp_path, tiny_model_dir):
+    out = tmp_path / "routed"
+    prism(raw_dir, out, tiny_model_dir)
+    probe_files = {p: p.stat().st_mtime_ns for p in (out / ".work" / "probe").glob("*.arrow")}
+    out2 = tmp_path / "by_cv"
+    assert main(["route", "--work", str(out / ".work"), "--out", str(out2), "--metric", "cv",
+                 "--quantile", "0.25", "--reverse"]) == 0
+    rows = pa.concat_tables([load(out2, "sft"), load(out2, "rl")]).to_pylist()
+    assert all(r["score"] == r["cv"] for r in rows)
+    assert sum(r["route"] == "rl" for r in rows) == 3  # quantile 0.25 of 9 -> 3 low scores, reversed to rl
+    assert {p: p.stat().st_mtime_ns for p in (out / ".work" / "probe").glob("*.arrow")} == probe_files
+
+
+def test_truncation_is_counted_and_empty_results_quarantined(tmp_path, tiny_model_dir):
+    raw = tmp_path / "raw.jsonl"
+    long_tail = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "short answer"},
+                              {"role": "user", "content": "observation " * 200}]}
+    fits = {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2 " * 50}]}
+    raw.write_text(json.dumps(long_tail) + "\n" + json.dumps(fits) + "\n")
+    out = tmp_path / "routed"
+    assert main(["prism", "--input", str(raw), "--out", str(out), "--model", tiny_model_dir,
+                 "--max-length", "64"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["truncated"] == 2 and m["counts"]["quarantined"] == 1
+    q = json.loads((out / "quarantine" / "part-00000.jsonl").read_text())
+    assert q["stage"] == "tokenize" and "after truncation to 64" in q["reason"]
+
+
+def test_unreadable_file_is_an_input_error(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    assert main(["prism", "--input", str(bad), "--out", str(tmp_path / "o"), "--model", tiny_model_dir]) == 2
+    assert "broken.parquet" in capsys.readouterr().err
