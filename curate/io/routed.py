@@ -94,7 +94,8 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         "versions": _versions(),
     }
     c = manifest["counts"]
-    assert c["input"] == c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"], f"counts do not reconcile: {c}"
+    if c["input"] != c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"]:
+        raise RuntimeError(f"counts do not reconcile, a record was lost: {c}")
     write_json(out / "manifest.json", manifest)
     return manifest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from curate import chat, models
 from curate.stages.base import Stage
@@ -30,7 +31,7 @@ class Tokenize(Stage):
     def run(self, shard: pa.Table) -> pa.Table:
         tok = models.load_tokenizer(models.resolve(self.config.model))
         rows = {k: [] for k in self.writes.names}
-        for messages in shard.column("messages").to_pylist():
+        for messages in tqdm(shard.column("messages").to_pylist(), desc="tokenize", unit="ex", leave=False):
             error = None
             try:
                 enc = chat.encode(tok, messages, self.config.max_length)
