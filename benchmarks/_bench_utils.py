@@ -143,6 +143,7 @@ def machine_info(device: str) -> dict:
             if hasattr(os, "sched_getaffinity") else None, "cpu": cpu, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "device": device,
+            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # others' load skews CPU runs
             "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu}
     try:
         import opacus

@@ -1,7 +1,7 @@
 """Probe engine benchmark: per-example gradient norms vs one training step, a naive loop and Opacus.
 
     python benchmarks/probe_bench.py [--model PATH] [--device auto|cpu|cuda] [--dtype fp32|bf16]
-        [--examples 16] [--seq-len 256] [--mixed] [--batch-tokens 4096] [--reps 3] [--ref-examples 4]
+        [--examples 16] [--seq-len 256] [--mixed] [--batch-tokens 4096] [--reps 3] [--ref-examples 2]
         [--skip naive opacus]
 
 Prints one JSON object on stdout; progress goes to stderr.
@@ -20,7 +20,9 @@ median. Tokens are real (unpadded) tokens.
               the LM head on target positions only), so the ratio isolates the per-example machinery.
   probe       curate.gradients.probe_batch on the same padded batches, parameters frozen.
   naive       one backward per example, alone and unpadded; only the probed weights require grad; each
-              module's weight.grad norm is read. Always fp32: it is the reference for exactness.
+              module's weight.grad norm is read. Always fp32: it is the reference for exactness. Norms are
+              reduced in fp64: torch's fp32 Tensor.norm() on CPU drifts by 1e-5..1e-4 on a 1M-entry
+              matrix, which would swamp the error being measured.
   opacus      opacus.GradSampleModule (hooks mode, loss_reduction="sum"), only the probed linear weights
               trainable, per-sample gradients (B, d_out, d_in) reduced to the same Frobenius norms.
 
@@ -30,7 +32,10 @@ tokens/s (> 1: probe faster). Exactness: the max relative error, over those exam
 the probe's (and opacus's) norms against naive fp32 norms; with --dtype bf16, probe, train_step and opacus
 run under bf16 autocast and the error is against the fp32 reference. On CPU the warm-up round uses two
 examples (it only pays first-call costs); on CUDA it is a full round. Peak memory is measured in-process
-around each timed rep (see "memory_method" in the output and _bench_utils.PeakMemory)."""
+around each timed rep, so no method is run extra times for it (see "memory_method" in the output and
+_bench_utils.PeakMemory; on CPU it agrees with a fresh process measuring the method alone). On a CPU that
+other jobs share, torch's OpenMP threads can slow down several-fold: compare `--threads 1`, and see
+machine.loadavg_1m in the output."""
 
 from __future__ import annotations
 
@@ -63,11 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed", action="store_true", help="lengths uniform in [seq_len/2, seq_len]")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--reps", type=int, default=3, help="timed reps after one warm-up")
-    p.add_argument("--ref-examples", type=int, default=4, help="examples for naive and opacus (0: all)")
+    p.add_argument("--ref-examples", type=int, default=2, help="examples for naive and opacus (0: all)")
     p.add_argument("--skip", nargs="*", default=[], choices=["naive", "opacus"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.reps < 1 or args.examples < 1:
+        p.error("--reps and --examples must be at least 1")
+    return args
 
 
 @dataclass
@@ -116,7 +124,7 @@ def naive(model, modules, examples, rows: list[int], n: int, device: str) -> tor
             ids, mask = examples[r]
             x = torch.tensor([ids], device=device)
             token_nll(model, x, torch.ones_like(x), torch.tensor([mask], device=device)).sum().backward()
-            norms[r] = torch.stack([w.grad.norm() for w in weights]).double().cpu()
+            norms[r] = torch.stack([w.grad.double().norm() for w in weights]).cpu()  # fp32 .norm() drifts ~1e-4
             for w in weights:
                 w.grad = None
     finally:
@@ -140,7 +148,8 @@ def opacus(model, modules, batches: list[Batch], n: int, amp) -> torch.Tensor:
             with amp():
                 nll = token_nll(model, b.input_ids, b.attention, b.loss_mask)
             nll.sum().backward()
-            norms[b.rows] = torch.stack([w.grad_sample.flatten(1).norm(dim=1) for w in weights], 1).double().cpu()
+            per_sample = [w.grad_sample.flatten(1).double().norm(dim=1) for w in weights]
+            norms[b.rows] = torch.stack(per_sample, dim=1).cpu()
             for w in weights:
                 w.grad_sample, w.grad = None, None
     finally:
@@ -199,17 +208,18 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
     methods = {m: summarize(seconds[m], peaks[m], calls[m][0].tokens, len(calls[m][0].rows)) for m in active}
     methods.update({m: {"error": e} for m, e in errors.items()})
     methods.update({m: {"skipped": True} for m in args.skip})
-    speed = lambda m: methods.get(m, {}).get("tokens_per_s")  # noqa: E731
-    ratios = {f"probe/{m}": speed("probe") / speed(m) if speed(m) else None for m in METHODS if m != "probe"}
-    mem = lambda m: methods.get(m, {}).get("peak_mem_mib")  # noqa: E731
-    mem_ratios = {f"probe/{m}": mem("probe") / mem(m) if mem("probe") is not None and mem(m) else None
-                  for m in METHODS if m != "probe"}
-    exact = {"reference": "naive: fp32, one example at a time, unpadded, weight.grad norms",
+
+    def ratio(key: str, m: str) -> float | None:  # probe's stat over m's
+        a, b = methods["probe"].get(key), methods[m].get(key)
+        return a / b if a is not None and b else None
+
+    others = [m for m in METHODS if m != "probe"]
+    exact = {"reference": "naive: fp32 weight.grad of each example alone (unpadded), norms reduced in fp64",
              "examples": k, "probe_dtype": args.dtype}
     if "naive" in outputs:
-        ref_norms = outputs["naive"][:k]
         for m in ("probe", "opacus"):
-            exact[f"{m}_vs_naive_max_rel_err"] = max_rel_err(outputs[m][:k], ref_norms) if m in outputs else None
+            exact[f"{m}_vs_naive_max_rel_err"] = max_rel_err(outputs[m][:k], outputs["naive"][:k]) \
+                if m in outputs else None
     lengths = [len(e[0]) for e in examples]
     return {
         "benchmark": "probe_bench",
@@ -221,8 +231,8 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
         "machine": machine_info(device),
         "memory_method": PeakMemory.method(device),
         "methods": methods,
-        "ratios_tokens_per_s": ratios,
-        "ratios_peak_mem": mem_ratios,
+        "ratios_tokens_per_s": {f"probe/{m}": ratio("tokens_per_s", m) for m in others},
+        "ratios_peak_mem": {f"probe/{m}": ratio("peak_mem_mib", m) for m in others},
         "exactness": exact,
     }
 

@@ -40,9 +40,33 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift_summary(manifest: dict, out: str) -> str:
+    c, w = manifest["counts"], manifest["weights"]
+    ess = f"{w['ess']:.1f} of {c['sft']}" if c["sft"] else "n/a"
+    return (f"drift: {c['sft']} weighted trajectories from {c['prompts']} of {c['input']} records "
+            f"({c['successes']} successful; ESS {ess}); all-fail groups {w['groups_all_fail']} "
+            f"({w['all_fail']}: {c['prompts_dropped']} records dropped), clipped {w['clipped']}; "
+            f"quarantined {c['quarantined']}, duplicates {c['duplicates']}\n"
+            f"  {out}/sft/  {out}/quarantine/  {out}/manifest.json")
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from curate.drift import run_drift
+
+    cfg = config.from_args(args, config.DriftConfig)
+    print(_drift_summary(run_drift(cfg), cfg.out))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from curate.pipeline import run_prism
 
+    if config.pipeline_job(args.pipeline) == "drift":
+        from curate.drift import run_drift
+
+        dcfg = config.load_yaml(args.pipeline, args.set or [], config.DriftConfig)
+        print(_drift_summary(run_drift(dcfg), dcfg.out))
+        return 0
     cfg = config.load_yaml(args.pipeline, args.set or [])
     print(_summary(run_prism(cfg), cfg.out))
     return 0
@@ -62,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, only=("metric", "quantile", "threshold", "reverse", "seed"))
     p.set_defaults(func=cmd_route)
 
-    p = sub.add_parser("run", help="run a pipeline file, e.g. pipelines/prism.yaml")
+    p = sub.add_parser("drift", help="sample K multi-turn rollouts per prompt, verify them and write DRIFT-weighted SFT data")
+    config.add_arguments(p, config.DriftConfig)
+    p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("run", help="run a pipeline file, e.g. pipelines/prism.yaml or pipelines/drift.yaml")
     p.add_argument("pipeline", help="YAML file whose keys are the job's options")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option (repeatable)")
     p.set_defaults(func=cmd_run)

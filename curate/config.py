@@ -11,12 +11,16 @@ from pathlib import Path
 
 import yaml
 
+from curate.generation import ENGINES, GenerationConfig
 from curate.gradients import DEFAULT_MODULES
+from curate.returns import ReturnConfig
 from curate.schema import METRICS
 from curate.stages.ingest import IngestConfig
 from curate.stages.probe import ProbeConfig
+from curate.stages.rollout import DEFAULT_FEEDBACK, RolloutConfig
 from curate.stages.route import RouteConfig
 from curate.stages.tokenize import TokenizeConfig
+from curate.stages.weights import ALL_FAIL, WeightsConfig
 
 FORMAT_CHOICES = ("auto", "messages", "prompt_completion", "question_answer", "alpaca", "sharegpt", "hh",
                   "transcript", "actions", "webshop_session")
@@ -67,6 +71,63 @@ class PrismConfig:
         return RouteConfig(self.metric, self.quantile, self.threshold, self.reverse, self.seed)
 
 
+@dataclass
+class DriftConfig:
+    """`curate drift`: K multi-turn rollouts per prompt from a fixed reference policy, DRIFT returns and
+    per-group importance weights, written as weighted SFT data to OUT/sft/."""
+
+    input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
+    out: str = opt("drift", "output folder: sft/, quarantine/, manifest.json")
+    work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
+    model: str | None = opt(None, "reference policy: local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    format: str = opt("auto", "input format, detected per record by default", choices=FORMAT_CHOICES)
+    limit: int | None = opt(None, "use only the first N unique records")
+    shard_size: int = opt(64, "records per shard (the unit of caching, resume and parallelism)")
+    samples: int = opt(8, "K: trajectories sampled per prompt")
+    turns: int = opt(5, "T: answers per trajectory at most (feedback after each wrong one)")
+    verifier: str = opt("math", "math | exact | recorded (the input's reward; nothing generated) | module:function")
+    feedback: str = opt(DEFAULT_FEEDBACK, "user message appended after a wrong answer")
+    system: str | None = opt(None, "system message put before prompts that have none (e.g. an answer-format instruction)")
+    temperature: float = opt(1.0, "sampling temperature (0: greedy)")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    max_new_tokens: int = opt(512, "tokens per answer at most")
+    engine: str = opt("auto", "generation engine (auto: vllm if installed and on CUDA, else hf)", choices=ENGINES)
+    device: str = opt("auto", "where the policy runs", choices=("auto", "cpu", "cuda"))
+    batch_tokens: int = opt(32768, "hf engine: padded prompt + new tokens per generate batch")
+    gamma: float = opt(0.9, "return gamma^(t*-1) when first solved at turn t*")
+    format_penalty: float = opt(-0.1, "added to the return per turn without a parseable answer")
+    repetition_penalty: float = opt(0.5, "lambda: subtract lambda x (1 - distinct answers / answers)")
+    success_threshold: float = opt(1.0, "a numeric verdict (recorded reward, user score) at least this is a success")
+    beta: float = opt(0.1, "weights exp(R/beta) / group mean of exp(R/beta)")
+    all_fail: str = opt("keep", "a prompt group with no success: keep (uniform-ish weights) or drop", choices=ALL_FAIL)
+    max_weight: float | None = opt(None, "clip weights above this (counted in the manifest)")
+    seed: int = opt(0, "sampling seed (each record, sample and turn derives its own)")
+    workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
+    scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
+    force: bool = opt(False, "recompute every stage, ignoring the cache")
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work) if self.work else Path(self.out) / ".work"
+
+    def ingest(self) -> IngestConfig:
+        return IngestConfig(list(self.input), self.format, self.shard_size, self.limit)
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(self.model, self.engine, self.device, self.temperature, self.top_p,
+                                self.max_new_tokens, self.seed, self.batch_tokens)
+
+    def rollout(self) -> RolloutConfig:
+        return RolloutConfig(self.generation(), self.samples, self.turns, self.verifier, self.feedback,
+                             self.system, self.success_threshold)
+
+    def returns(self) -> ReturnConfig:
+        return ReturnConfig(self.gamma, self.format_penalty, self.repetition_penalty)
+
+    def weights(self) -> WeightsConfig:
+        return WeightsConfig(self.beta, self.all_fail, self.max_weight)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls=PrismConfig, only: tuple[str, ...] | None = None) -> None:
     """One --flag per dataclass field, its help and choices from the field's metadata."""
     for f in dataclasses.fields(cls):
@@ -77,12 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls=PrismConfig, only: tuple[
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", help=kw["help"])
             continue
-        base = _scalar_type(f)
+        base = _scalar_type(f, cls)
         parser.add_argument(flag, type=base, default=argparse.SUPPRESS, required=f.name == "input" and only is None, **kw)
 
 
-def _scalar_type(f: dataclasses.Field):
-    hint = typing.get_type_hints(PrismConfig)[f.name]
+def _scalar_type(f: dataclasses.Field, cls=PrismConfig):
+    hint = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = args[0]
     if typing.get_origin(base) is list:
@@ -93,6 +154,12 @@ def _scalar_type(f: dataclasses.Field):
 def from_args(ns: argparse.Namespace, cls=PrismConfig) -> PrismConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def pipeline_job(path: str | Path) -> str:
+    """The `job:` key of a pipelines/*.yaml file (prism when absent)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return data.get("job", "prism")
 
 
 def load_yaml(path: str | Path, overrides: list[str] = (), cls=PrismConfig) -> PrismConfig:

@@ -8,7 +8,10 @@ captures A when the layer runs forward and, as soon as G arrives in backward, re
   - product: form G_iᵀA_i (d_out×d_in) and square-sum it        ~ T·d_in·d_out multiply-adds
   - Gram:    Σ_ts (A_iA_iᵀ)_ts (G_iG_iᵀ)_ts                      ~ T²·(d_in+d_out)
 Examples in a batch do not interact (causal attention, right padding, no batch statistics), so backward
-of Σ_i ℓ_i gives each example its own G_i; padded positions have zero G and are masked out of A too."""
+of Σ_i ℓ_i gives each example its own G_i. With right padding a padded position feeds only later padded
+positions and no loss, so its G is exactly zero and it adds exactly nothing to either form. That lets A
+be a view of the layer input rather than a masked copy: q, k and v (and gate and up) share one input
+tensor, so the probe holds each activation once, as a training step does."""
 
 from __future__ import annotations
 
@@ -56,13 +59,13 @@ class ProbeResult:
 
 
 @contextmanager
-def _capture(modules: list[tuple[str, nn.Linear]], token_mask: torch.Tensor, out: torch.Tensor):
+def _capture(modules: list[tuple[str, nn.Linear]], out: torch.Tensor):
     """Hooks that write ‖∇W_m ℓ_i‖² into out[:, m] during backward."""
     handles = []
 
     def make_hook(m: int):
         def forward_hook(_mod, inputs, output):
-            acts = inputs[0].detach() * token_mask  # padded positions contribute exactly zero
+            acts = inputs[0].detach()  # a view: no copy, shared by the layers that read this input
 
             def grad_hook(grad):
                 nonlocal acts
@@ -101,11 +104,11 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 def probe_batch(model: nn.Module, modules: list[tuple[str, nn.Linear]], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 autocast_dtype: torch.dtype | None = None) -> ProbeResult:
-    """Loss and per-module squared gradient norms for a right-padded batch; model parameters frozen."""
+    """Loss and per-module squared gradient norms for a right-padded batch (padding after each example's
+    tokens: exactness relies on it); model parameters frozen."""
     sq = torch.zeros(input_ids.shape[0], len(modules), device=input_ids.device, dtype=torch.float32)
-    mask = attention_mask.unsqueeze(-1).to(torch.float32)
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    with _capture(modules, mask, sq), torch.autocast(
+    with _capture(modules, sq), torch.autocast(
             input_ids.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss = token_nll(model, input_ids, attention_mask, loss_mask, inputs_embeds=embeds)
         loss.sum().backward()  # Σ_i ℓ_i: each example's gradient is its own

@@ -12,6 +12,7 @@ import torch
 from curate import chat, models
 from curate.cli import main
 from curate.io.atomic import read_arrow
+from curate.schema import load_json_schema
 from tests.test_gradients import naive_norms
 
 
@@ -45,6 +46,9 @@ def test_prism_end_to_end(raw_dir, tmp_path, tiny_model_dir):
     out = tmp_path / "routed"
     assert prism(raw_dir, out, tiny_model_dir) == 0
     manifest = json.loads((out / "manifest.json").read_text())
+    contract = load_json_schema("manifest")
+    assert set(contract["required"]) <= set(manifest)
+    assert set(contract["properties"]["counts"]["required"]) <= set(manifest["counts"])
     c = manifest["counts"]
     assert c == {**c, "input": 12, "duplicates": 1, "quarantined": 2, "sft": 5, "rl": 4}
     assert c["input"] == c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"]
@@ -137,3 +141,11 @@ def test_unreadable_file_is_an_input_error(tmp_path, tiny_model_dir, capsys):
     bad.write_bytes(b"PAR1 this is not parquet")
     assert main(["prism", "--input", str(bad), "--out", str(tmp_path / "o"), "--model", tiny_model_dir]) == 2
     assert "broken.parquet" in capsys.readouterr().err
+
+
+def test_dask_workers_write_the_same_bytes(raw_dir, tmp_path, tiny_model_dir):
+    local, dask = tmp_path / "local", tmp_path / "dask"
+    prism(raw_dir, local, tiny_model_dir)
+    assert prism(raw_dir, dask, tiny_model_dir, "--workers", "2") == 0
+    files = lambda out: {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("[sr]*/*.arrow"))}
+    assert files(local) and files(local) == files(dask)

@@ -1,0 +1,133 @@
+"""Stage `rollout`: K multi-turn trajectories per prompt from the fixed reference policy, verified.
+
+Turn 1 answers the record's prompt (the messages before its first assistant turn). After a wrong answer
+the feedback message is appended and the policy answers again, up to `turns` answers or until correct.
+Each turn generates for every still-active conversation of the shard in one batched call, so prompts
+and samples share batches. Every (record, sample, turn) has its own seed: a record's trajectories do not
+depend on the shard it is in.
+
+With the `recorded` verifier nothing is generated: the record's conversation is the one trajectory and
+its recorded reward the outcome (existing agent rollouts, e.g. ALFWorld).
+
+Row-aligned like every per-shard stage: one row per record, holding lists over its K trajectories. The
+returns and weights are computed later from these verdicts, so changing gamma, the penalties or beta never
+regenerates."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from curate import chat, generation, schema, verifiers
+from curate.stages.base import Stage
+
+DEFAULT_FEEDBACK = "Incorrect. Please think again."
+
+
+@dataclass
+class RolloutConfig:
+    generation: generation.GenerationConfig = field(default_factory=generation.GenerationConfig)
+    samples: int = 8                       # K trajectories per prompt
+    turns: int = 5                         # T: answers per trajectory at most
+    verifier: str = "math"                 # math | exact | recorded | module:function
+    feedback: str = DEFAULT_FEEDBACK       # the user message after a wrong answer
+    system: str | None = None              # system message put before prompts that have none
+    success_threshold: float = 1.0         # a numeric verdict (recorded reward, user score) >= this is a success
+
+    def __post_init__(self):
+        if self.samples < 1 or self.turns < 1:
+            raise ValueError("samples and turns must be >= 1")
+        verifiers.get(self.verifier, self.success_threshold)   # fail before any generation
+
+    @property
+    def recorded(self) -> bool:
+        return self.verifier == "recorded"
+
+
+def _bool_lists():
+    return pa.list_(pa.list_(pa.bool_()))
+
+
+class Rollout(Stage):
+    name = "rollout"
+    reads = schema.columns(schema.RECORD)
+    writes = pa.schema([("trajectories", pa.list_(schema.MESSAGES)), ("turn_correct", _bool_lists()),
+                        ("turn_parseable", _bool_lists()), ("turn_answers", pa.list_(pa.list_(pa.string()))),
+                        ("turn_score", pa.list_(pa.list_(pa.float64()))), ("rollout_error", pa.string())])
+
+    def identity(self) -> dict:
+        c = self.config
+        own = {k: v for k, v in asdict(c).items() if k != "generation"}
+        if c.recorded:  # no model involved
+            return {"stage": self.name, "config": {**own, "samples": 1, "turns": 1}}
+        return {"stage": self.name, "config": own, "generation": generation.identity(c.generation)}
+
+    def run(self, shard: pa.Table) -> pa.Table:
+        records = shard.to_pylist()
+        rows = self._recorded(records) if self.config.recorded else self._generated(records)
+        cols = {name: [r.get(name) for r in rows] for name in self.writes.names}
+        return self.check(shard, pa.table(cols, schema=self.writes))
+
+    def _problem(self, record: dict) -> str | None:
+        need = verifiers.needs(self.config.verifier)
+        if need and record.get(need) is None:
+            return f"verifier {self.config.verifier} needs {need}, and the record has none"
+        if not self.config.recorded and not chat.prompt_messages(record["messages"]):
+            return "no prompt: the conversation starts with an assistant turn"
+        return None
+
+    def _recorded(self, records: list[dict]) -> list[dict]:
+        verify = verifiers.get("recorded", self.config.success_threshold)
+        rows = []
+        for rec in records:
+            error = self._problem(rec)
+            if error:
+                rows.append({"rollout_error": error})
+                continue
+            v = verify(rec, rec["messages"][-1]["content"])
+            rows.append({"trajectories": [rec["messages"]], "turn_correct": [[v.correct]],
+                         "turn_parseable": [[v.parseable]], "turn_answers": [[v.answer]],
+                         "turn_score": [[v.score]]})
+        return rows
+
+    def _generated(self, records: list[dict]) -> list[dict]:
+        c = self.config
+        verify = verifiers.get(c.verifier, c.success_threshold)
+        rows = [{"rollout_error": self._problem(rec)} for rec in records]
+        # one conversation per (valid record, sample); `owner` maps it back
+        owner = [(r, k) for r, row in enumerate(rows) if row["rollout_error"] is None for k in range(c.samples)]
+        convs = [self._prompt(records[r]["messages"]) for r, _ in owner]
+        verdicts: list[list[verifiers.Verdict]] = [[] for _ in owner]
+        active = list(range(len(owner)))
+        for turn in range(1, c.turns + 1):
+            if not active:
+                break
+            seeds = [generation.row_seed(c.generation.seed, records[owner[i][0]]["id"], owner[i][1], turn)
+                     for i in active]
+            replies = generation.generate([convs[i] for i in active], c.generation, seeds=seeds)
+            still = []
+            for i, (reply,) in zip(active, replies):
+                convs[i].append({"role": "assistant", "content": reply})
+                v = verify(records[owner[i][0]], reply)
+                verdicts[i].append(v)
+                if not v.correct and turn < c.turns:
+                    convs[i].append({"role": "user", "content": c.feedback})
+                    still.append(i)
+            active = still
+        for r, row in enumerate(rows):
+            if row["rollout_error"] is not None:
+                continue
+            mine = [i for i, (o, _) in enumerate(owner) if o == r]
+            row.update({"trajectories": [convs[i] for i in mine],
+                        "turn_correct": [[v.correct for v in verdicts[i]] for i in mine],
+                        "turn_parseable": [[v.parseable for v in verdicts[i]] for i in mine],
+                        "turn_answers": [[v.answer for v in verdicts[i]] for i in mine],
+                        "turn_score": [[v.score for v in verdicts[i]] for i in mine]})
+        return rows
+
+    def _prompt(self, messages: list[dict]) -> list[dict]:
+        prompt = [dict(m) for m in chat.prompt_messages(messages)]
+        if self.config.system and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": self.config.system})
+        return prompt

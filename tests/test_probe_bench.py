@@ -1,0 +1,61 @@
+"""benchmarks/probe_bench.py on a tiny random Llama: the JSON contract and real exactness checks."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.probe_bench import main, parse_args, run_benchmark
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and a busy 2-core machine makes OpenMP barriers crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def bench(*argv: str) -> dict:
+    result = run_benchmark(tiny_llama(), parse_args(["--reps", "1", "--seq-len", "40", "--mixed", *argv]))
+    json.dumps(result)  # the script prints it: everything must serialize
+    return result
+
+
+def test_fp32_probe_and_opacus_match_naive_norms():
+    pytest.importorskip("opacus")
+    r = bench("--examples", "3", "--ref-examples", "0")
+    assert set(r) >= {"config", "machine", "memory_method", "methods", "ratios_tokens_per_s", "exactness"}
+    for m in ("train_step", "probe", "naive", "opacus"):
+        stats = r["methods"][m]
+        assert stats["examples"] == 3 and stats["tokens"] == r["config"]["real_tokens"]
+        assert stats["tokens_per_s"] > 0 and len(stats["seconds"]) == 1
+        assert "peak_mem_mib" in stats
+    assert r["config"]["padded_tokens"] > r["config"]["real_tokens"]  # --mixed really pads
+    assert set(r["ratios_tokens_per_s"]) == {"probe/train_step", "probe/naive", "probe/opacus"}
+    assert all(v > 0 for v in r["ratios_tokens_per_s"].values())
+    assert r["exactness"]["probe_vs_naive_max_rel_err"] < 1e-4
+    assert r["exactness"]["opacus_vs_naive_max_rel_err"] < 1e-4
+
+
+def test_bf16_autocast_probe_agrees_with_fp32_naive_per_module():
+    # several padded batches (batch-tokens 80 at seq-len <= 40), every module of every example within 2e-2
+    r = bench("--examples", "5", "--ref-examples", "0", "--dtype", "bf16", "--batch-tokens", "80",
+              "--skip", "opacus", "--seed", "1")
+    assert len(r["config"]["batches"]) >= 2
+    err = r["exactness"]["probe_vs_naive_max_rel_err"]
+    assert 0 < err < 2e-2  # > 0: autocast really lowered precision
+
+
+def test_cli_prints_one_json_object_and_caps_the_reference_methods(tiny_model_dir, capsys):
+    assert main(["--model", tiny_model_dir, "--device", "cpu", "--examples", "3", "--seq-len", "16",
+                 "--reps", "1", "--ref-examples", "1", "--skip", "opacus"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["config"]["model"] == tiny_model_dir
+    assert r["methods"]["probe"]["examples"] == 3 and r["methods"]["probe"]["tokens"] == 48
+    assert r["methods"]["naive"]["examples"] == 1 and r["methods"]["naive"]["tokens"] == 16
+    assert r["methods"]["opacus"] == {"skipped": True} and r["ratios_tokens_per_s"]["probe/opacus"] is None
+    assert r["exactness"]["probe_vs_naive_max_rel_err"] < 1e-4
+    assert r["exactness"]["opacus_vs_naive_max_rel_err"] is None
