@@ -30,5 +30,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
+BENCH_ARGS ?=
+bench: setup
+	@$(PY) -c "import opacus" 2>/dev/null || $(PY) -m pip install -q "opacus>=1.5"
+	$(PY) benchmarks/probe_bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -139,11 +139,11 @@ def machine_info(device: str) -> dict:
         with open("/proc/cpuinfo") as f:
             found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
             cpu = found.group(1).strip() if found else None
-    info = {"cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity") else None, "cpu": cpu, "torch_threads": torch.get_num_threads(),
+    info = {"cpu_count": os.cpu_count(), "cpu": cpu, "torch_threads": torch.get_num_threads(),
+            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # busy CPU: slow runs
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "device": device,
-            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # others' load skews CPU runs
             "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu}
     try:
         import opacus

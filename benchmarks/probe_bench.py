@@ -28,14 +28,16 @@ median. Tokens are real (unpadded) tokens.
 
 naive and opacus are slow (opacus holds B x 106M floats of per-sample gradients for SmolLM2), so they run
 on the first `--ref-examples` examples only; every method reports its own tokens/s, and ratios compare
-tokens/s (> 1: probe faster). Exactness: the max relative error, over those examples and all modules, of
-the probe's (and opacus's) norms against naive fp32 norms; with --dtype bf16, probe, train_step and opacus
-run under bf16 autocast and the error is against the fp32 reference. On CPU the warm-up round uses two
-examples (it only pays first-call costs); on CUDA it is a full round. Peak memory is measured in-process
-around each timed rep, so no method is run extra times for it (see "memory_method" in the output and
-_bench_utils.PeakMemory; on CPU it agrees with a fresh process measuring the method alone). On a CPU that
-other jobs share, torch's OpenMP threads can slow down several-fold: compare `--threads 1`, and see
-machine.loadavg_1m in the output."""
+tokens/s (> 1: probe faster). The probe also runs on those examples alone (methods.probe_ref), so that
+memory and, in a second set of ratios, speed compare like with like. Exactness: the max relative error,
+over those examples and all modules, of the probe's (and opacus's) norms against naive fp32 norms; with
+--dtype bf16, probe, train_step and opacus run under bf16 autocast and the error is against the fp32
+reference. On CPU the warm-up round uses two examples (it only pays first-call costs); on CUDA it is a
+full round. Peak memory is measured in-process around each timed rep, so no method runs extra times for
+it (see "memory_method" in the output and _bench_utils.PeakMemory; on CPU it agrees with a fresh process
+measuring the method alone; a side effect: `/usr/bin/time -v` then reports only the peak since the last
+reset). On a CPU that other jobs share, torch's OpenMP threads can slow down several-fold: compare
+`--threads 1`, and see machine.loadavg_1m in the output."""
 
 from __future__ import annotations
 
@@ -142,16 +144,16 @@ def opacus(model, modules, batches: list[Batch], n: int, amp) -> torch.Tensor:
     gsm = None
     try:
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
-        # the first layer's inputs need no grad: Opacus's full backward hooks warn, and are right anyway
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for b in batches:
-            with amp():
-                nll = token_nll(model, b.input_ids, b.attention, b.loss_mask)
-            nll.sum().backward()
-            per_sample = [w.grad_sample.flatten(1).double().norm(dim=1) for w in weights]
-            norms[b.rows] = torch.stack(per_sample, dim=1).cpu()
-            for w in weights:
-                w.grad_sample, w.grad = None, None
+        with warnings.catch_warnings():  # layer 0's inputs need no grad: Opacus's full backward hooks warn
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for b in batches:
+                with amp():
+                    nll = token_nll(model, b.input_ids, b.attention, b.loss_mask)
+                nll.sum().backward()
+                per_sample = [w.grad_sample.flatten(1).double().norm(dim=1) for w in weights]
+                norms[b.rows] = torch.stack(per_sample, dim=1).cpu()
+                for w in weights:
+                    w.grad_sample, w.grad = None, None
     finally:
         if gsm is not None:
             gsm.remove_hooks()
@@ -173,20 +175,22 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
     k = min(args.ref_examples or n, n)
     full = Work(list(range(n)), pack(examples, list(range(n)), args.batch_tokens, device))
     ref = Work(list(range(k)), pack(examples, list(range(k)), args.batch_tokens, device))
-    small = list(range(n)) if device == "cuda" else list(range(min(2, n)))
-    warm = Work(small, pack(examples, small, args.batch_tokens, device))
+    warm = Work(list(range(min(2, n))), pack(examples, list(range(min(2, n))), args.batch_tokens, device))
     calls = {
         "train_step": (full, lambda w: train_step(model, w.batches, amp)),
         "probe": (full, lambda w: probe(model, modules, w.batches, n, amp_dtype)),
         "naive": (ref, lambda w: naive(model, modules, examples, w.rows, n, device)),
         "opacus": (ref, lambda w: opacus(model, modules, w.batches, n, amp)),
+        "probe_ref": (ref, lambda w: probe(model, modules, w.batches, n, amp_dtype)),
     }
-    active = [m for m in METHODS if m not in args.skip]
+    # probe_ref: the probe on naive's and opacus's examples, for like-for-like memory (and speed) ratios
+    same = "probe" if k == n or set(args.skip) >= {"naive", "opacus"} else "probe_ref"
+    active = [m for m in METHODS if m not in args.skip] + ([same] if same != "probe" else [])
     seconds, peaks, outputs, errors = {m: [] for m in active}, {m: [] for m in active}, {}, {}
     for rep in range(-1, args.reps):
         for m in list(active):
             work, fn = calls[m]
-            work = warm if rep < 0 else work
+            work = warm if rep < 0 and device == "cpu" else work  # CPU: first-call costs only; CUDA: full
             box = {}
             try:
                 with PeakMemory(device) as mem:
@@ -209,11 +213,12 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
     methods.update({m: {"error": e} for m, e in errors.items()})
     methods.update({m: {"skipped": True} for m in args.skip})
 
-    def ratio(key: str, m: str) -> float | None:  # probe's stat over m's
-        a, b = methods["probe"].get(key), methods[m].get(key)
+    def ratio(key: str, m: str, mine: str = "probe") -> float | None:  # the probe's stat over m's
+        a, b = methods[mine].get(key), methods[m].get(key)
         return a / b if a is not None and b else None
 
     others = [m for m in METHODS if m != "probe"]
+    like = {m: "probe" if m == "train_step" else same for m in others}  # the probe run on m's examples
     exact = {"reference": "naive: fp32 weight.grad of each example alone (unpadded), norms reduced in fp64",
              "examples": k, "probe_dtype": args.dtype}
     if "naive" in outputs:
@@ -227,12 +232,17 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
                    "params": sum(p.numel() for p in model.parameters()), "probed_modules": len(modules),
                    "real_tokens": sum(lengths), "padded_tokens": sum(b.input_ids.numel() for b in full.batches),
                    "batches": [list(b.input_ids.shape) for b in full.batches],
-                   "warmup": f"one round on {len(warm.rows)} examples", "ref_examples": k},
+                   "warmup": f"one round on {len(warm.rows)} examples" if device == "cpu" else "one full round",
+                   "ref_examples": k},
         "machine": machine_info(device),
         "memory_method": PeakMemory.method(device),
         "methods": methods,
         "ratios_tokens_per_s": {f"probe/{m}": ratio("tokens_per_s", m) for m in others},
-        "ratios_peak_mem": {f"probe/{m}": ratio("peak_mem_mib", m) for m in others},
+        "ratios_tokens_per_s_same_examples": {f"probe/{m}": ratio("tokens_per_s", m, like[m]) for m in others},
+        "ratios_peak_mem": {f"probe/{m}": ratio("peak_mem_mib", m, like[m]) for m in others},
+        "ratios_note": ("> 1: the probe is faster / uses more memory. ratios_tokens_per_s: the probe on all "
+                        "examples; the _same_examples and peak_mem ratios compare it with naive and opacus on "
+                        f"their {k} examples (methods.{same})"),
         "exactness": exact,
     }
 

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, only=("metric", "quantile", "threshold", "reverse", "seed"))
     p.set_defaults(func=cmd_route)
 
-    p = sub.add_parser("drift", help="sample K multi-turn rollouts per prompt, verify them and write DRIFT-weighted SFT data")
+    p = sub.add_parser("drift", help="K verified multi-turn rollouts per prompt -> DRIFT-weighted SFT data")
     config.add_arguments(p, config.DriftConfig)
     p.set_defaults(func=cmd_drift)
 

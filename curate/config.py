@@ -30,8 +30,19 @@ def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+class JobPaths:
+    """What every job derives the same way from its input/out/work/format/shard_size/limit fields."""
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work) if self.work else Path(self.out) / ".work"
+
+    def ingest(self) -> IngestConfig:
+        return IngestConfig(list(self.input), self.format, self.shard_size, self.limit)
+
+
 @dataclass
-class PrismConfig:
+class PrismConfig(JobPaths):
     input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
     out: str = opt("routed", "output folder: sft/, rl/, quarantine/, manifest.json")
     work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
@@ -42,7 +53,7 @@ class PrismConfig:
     max_length: int | None = opt(2048, "tokens per example; longer ones lose the start of their context")
     device: str = opt("auto", "where the probe runs", choices=("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "probe matmul precision (auto: bf16 on cuda, fp32 on cpu)", choices=("auto", "fp32", "bf16", "fp16"))
-    batch_tokens: int = opt(8192, "padded tokens per probe batch")
+    batch_tokens: int = opt(4096, "padded tokens per probe batch (memory: ~1.7 MB a token for SmolLM2 in fp32)")
     modules: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES),
                                metadata={"help": "linear module names probed in every layer, in this order", "nargs": "+"})
     metric: str = opt("gini", "concentration metric used as the routing score", choices=METRICS)
@@ -53,13 +64,6 @@ class PrismConfig:
     workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
     scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
     force: bool = opt(False, "recompute every stage, ignoring the cache")
-
-    @property
-    def work_dir(self) -> Path:
-        return Path(self.work) if self.work else Path(self.out) / ".work"
-
-    def ingest(self) -> IngestConfig:
-        return IngestConfig(list(self.input), self.format, self.shard_size, self.limit)
 
     def tokenize(self) -> TokenizeConfig:
         return TokenizeConfig(self.model, self.max_length)
@@ -72,7 +76,7 @@ class PrismConfig:
 
 
 @dataclass
-class DriftConfig:
+class DriftConfig(JobPaths):
     """`curate drift`: K multi-turn rollouts per prompt from a fixed reference policy, DRIFT returns and
     per-group importance weights, written as weighted SFT data to OUT/sft/."""
 
@@ -105,13 +109,6 @@ class DriftConfig:
     workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
     scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
     force: bool = opt(False, "recompute every stage, ignoring the cache")
-
-    @property
-    def work_dir(self) -> Path:
-        return Path(self.work) if self.work else Path(self.out) / ".work"
-
-    def ingest(self) -> IngestConfig:
-        return IngestConfig(list(self.input), self.format, self.shard_size, self.limit)
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.model, self.engine, self.device, self.temperature, self.top_p,

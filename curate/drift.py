@@ -22,7 +22,7 @@ from curate import chat, generation, models, schema
 from curate.config import DriftConfig
 from curate.executors import make_executor
 from curate.io.atomic import clean_stale_temps, read_arrow, stable_hash, write_arrow, write_json, write_jsonl
-from curate.io.routed import _read_jsonl, _swap, _versions
+from curate.io.routed import read_jsonl, swap_into_place, versions
 from curate.pipeline import run_ingest, run_sharded
 from curate.returns import ReturnConfig, trajectory_return
 from curate.stages import weights as W
@@ -101,16 +101,55 @@ def run_drift(cfg: DriftConfig) -> dict:
             success.append(row["success"])
             t_star.append(row["t_star"])
     weighted = W.assign(keys, returns, success, wcfg)
-    group_of = {k: g for g, k in enumerate(dict.fromkeys(keys))}   # dense ids, first-appearance order
+    kept_keys = (k for k, keep in zip(keys, weighted.keep) if keep)
+    group_of = {k: g for g, k in enumerate(dict.fromkeys(kept_keys))}   # dense ids, first-appearance order
+    quarantine = read_jsonl(ing["quarantine"])
+    files, prompts = _write_sft(shards, weighted, group_of, rcfg, recorded, out / ".staging", quarantine)
+    prompts_dropped = _records_with_rows(shards) - prompts
+    timings["weights"] = time.perf_counter() - t
 
-    # pass 2: write rows with their weights, shard i -> sft/part-i
-    staging = out / ".staging"
+    ic, ws = ing["counts"], weighted.stats
+    counts = {"input": ic["input"], "duplicates": ic["duplicates"], "quarantined": len(quarantine),
+              "quarantined_ingest": ic["quarantined"], "quarantined_rollout": len(quarantine) - ic["quarantined"],
+              "prompts": prompts, "prompts_dropped": prompts_dropped, "sft": ws["rows"],
+              "rows_dropped": ws["rows_dropped"], "successes": int(np.sum(np.asarray(success)[weighted.keep]))}
+    if counts["input"] != prompts + prompts_dropped + counts["quarantined"] + counts["duplicates"]:
+        raise RuntimeError(f"counts do not reconcile, a record was lost: {counts}")
+    solved = [t for t in t_star if t is not None]
+    gen = cfg.generation()
+    manifest = {
+        "curate_version": curate.__version__,
+        "job": DRIFT,
+        "counts": counts,
+        "weights": {**asdict(wcfg), **ws},
+        "returns": {**asdict(rcfg), "mean": float(np.mean(returns)) if returns else None,
+                    "success_rate": float(np.mean(success)) if success else None,
+                    "t_star": {str(t): solved.count(t) for t in sorted(set(solved))}},
+        "rollout": {k: v for k, v in asdict(stage.config).items() if k != "generation"},
+        "generation": None if recorded else {**asdict(gen), "engine": generation.resolve_engine(gen)},
+        "files": {"sft": files},
+        "model": None if recorded else models.identity(models.resolve(cfg.model)),
+        "config": asdict(cfg),
+        "inputs": ing["files"],
+        "cache": cache,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": versions(),
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _write_sft(shards, weighted: W.Weighted, group_of: dict, rcfg: ReturnConfig, recorded: bool,
+               staging: Path, quarantine: list[dict]) -> tuple[list[str], int]:
+    """Pass 2: rows with their weights, work shard i -> sft/part-i, built in staging and swapped in with
+    the quarantine (to which the rollout stage's rejects are added). Returns the files and the number of
+    records that kept rows."""
     shutil.rmtree(staging, ignore_errors=True)
     target = schema.arrow_schema(DRIFT)
-    quarantine, files, cursor, prompts = _read_jsonl(ing["quarantine"]), [], 0, 0
+    files, cursor, prompts = [], 0, 0
     for i, (ing_path, rol_path) in enumerate(shards):
         records, rollout = read_arrow(ing_path), read_arrow(rol_path)
-        quarantine += _rollout_quarantine(records, rollout)
+        quarantine.extend(_rollout_quarantine(records, rollout))   # the caller counts them
         kept = []
         for row in shard_rows(records, rollout, rcfg, recorded):
             if weighted.keep[cursor]:
@@ -123,41 +162,11 @@ def run_drift(cfg: DriftConfig) -> dict:
             name = f"sft/part-{i:05d}.arrow"
             write_arrow(staging / name, pa.Table.from_pylist(kept, schema=target))
             files.append(name)
-    prompts_dropped = _records_with_rows(shards) - prompts
     write_jsonl(staging / "quarantine" / "part-00000.jsonl", quarantine)
     for folder in ("sft", "quarantine"):
-        _swap(staging / folder, out / folder)
+        swap_into_place(staging / folder, staging.parent / folder)
     shutil.rmtree(staging, ignore_errors=True)
-    timings["weights"] = time.perf_counter() - t
-
-    ic, ws = ing["counts"], weighted.stats
-    counts = {"input": ic["input"], "duplicates": ic["duplicates"], "quarantined": len(quarantine),
-              "quarantined_ingest": ic["quarantined"], "quarantined_rollout": len(quarantine) - ic["quarantined"],
-              "prompts": prompts, "prompts_dropped": prompts_dropped, "sft": ws["rows"],
-              "rows_dropped": ws["rows_dropped"], "successes": int(np.sum(np.asarray(success)[weighted.keep]))}
-    if counts["input"] != prompts + prompts_dropped + counts["quarantined"] + counts["duplicates"]:
-        raise RuntimeError(f"counts do not reconcile, a record was lost: {counts}")
-    solved = [t for t in t_star if t is not None]
-    manifest = {
-        "curate_version": curate.__version__,
-        "job": DRIFT,
-        "counts": counts,
-        "weights": {**asdict(wcfg), **ws},
-        "returns": {**asdict(rcfg), "mean": float(np.mean(returns)) if returns else None,
-                    "success_rate": float(np.mean(success)) if success else None,
-                    "t_star": {str(t): solved.count(t) for t in sorted(set(solved))}},
-        "rollout": {k: v for k, v in asdict(stage.config).items() if k != "generation"},
-        "generation": None if recorded else {**asdict(cfg.generation()), "engine": generation.resolve_engine(cfg.generation())},
-        "files": {"sft": files},
-        "model": None if recorded else models.identity(models.resolve(cfg.model)),
-        "config": asdict(cfg),
-        "inputs": ing["files"],
-        "cache": cache,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "versions": _versions(),
-    }
-    write_json(out / "manifest.json", manifest)
-    return manifest
+    return files, prompts
 
 
 def _records_with_rows(shards) -> int:

@@ -66,9 +66,12 @@ def _capture(modules: list[tuple[str, nn.Linear]], out: torch.Tensor):
     def make_hook(m: int):
         def forward_hook(_mod, inputs, output):
             acts = inputs[0].detach()  # a view: no copy, shared by the layers that read this input
+            version = inputs[0]._version
 
             def grad_hook(grad):
                 nonlocal acts
+                if acts._version != version:  # a view would silently see an in-place change
+                    raise RuntimeError(f"{modules[m][0]}: its input was modified in place after forward")
                 out[:, m] = per_example_sq_norm(acts, grad)
                 acts = None  # free this layer's activations as soon as its norms exist
 

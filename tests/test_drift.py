@@ -13,6 +13,7 @@ import pytest
 from curate import generation
 from curate.cli import main
 from curate.io.atomic import read_arrow
+from curate.schema import arrow_schema, load_json_schema
 from curate.stages.rollout import DEFAULT_FEEDBACK, Rollout, RolloutConfig
 from tests.conftest import REPO
 
@@ -94,12 +95,17 @@ def test_multi_turn_structure_feedback_only_after_failures(hashed):
 
 def test_counts_reconcile_and_quarantine(hashed):
     m = manifest(hashed)
+    contract = load_json_schema("drift_manifest")
+    assert set(contract["required"]) <= set(m)
+    assert set(contract["properties"]["counts"]["required"]) <= set(m["counts"])
     c = m["counts"]
     assert c["input"] == 7 and c["duplicates"] == 1 and c["quarantined"] == 1 and c["prompts"] == 5
     assert c["input"] == c["prompts"] + c["prompts_dropped"] + c["quarantined"] + c["duplicates"]
     assert c["sft"] == 10 == m["weights"]["rows"] and m["weights"]["mean_weight"] == pytest.approx(1.0)
     assert m["model"]["sha256"] and m["generation"]["engine"] == "hf" and m["rollout"]["turns"] == 3
     assert sorted(p.name for p in hashed.iterdir()) == [".work", "manifest.json", "quarantine", "sft"]
+    for f in (hashed / "sft").iterdir():   # the column contract: schemas/drift.schema.json
+        assert f.suffix == ".arrow" and read_arrow(f).schema == arrow_schema("drift")
 
 
 def test_math_verifier_all_fail_keep_drop_and_cache(raw, tmp_path, tiny_model_dir):
@@ -180,6 +186,12 @@ def test_recorded_alfworld_trajectories(shared_data, tmp_path):
     assert mixed and all(max(x["weight"] for x in g) == 1.5 for g in mixed)   # 2/(1+e^-10), clipped
     same = [g for g in by_group.values() if len({x["success"] for x in g}) == 1]
     assert same and all(x["weight"] == 1.0 and x["ess"] == 2.0 for g in same for x in g)
+
+
+def test_bad_options_are_usage_errors(raw, tmp_path, capsys):
+    assert main(["drift", "--input", str(raw), "--out", str(tmp_path / "o"), "--verifier", "regex"]) == 2
+    assert "unknown verifier 'regex'" in capsys.readouterr().err
+    assert main(["drift", "--input", str(raw), "--out", str(tmp_path / "o"), "--beta", "-1"]) == 2
 
 
 def test_pipeline_file(raw, tmp_path, tiny_model_dir):

@@ -14,7 +14,7 @@ def naive_norms(model, ids: list[int], mask: list[int]):
     target = torch.tensor(mask[1:]).bool()
     loss = torch.nn.functional.cross_entropy(logits[target], x[0, 1:][target])
     loss.backward()
-    norms = [m.weight.grad.norm().item() for _, m in probed_modules(model)]
+    norms = [m.weight.grad.double().norm().item() for _, m in probed_modules(model)]  # fp32 .norm() is ~1e-4 off
     model.requires_grad_(False)
     return loss.item(), torch.tensor(norms, dtype=torch.float64)
 

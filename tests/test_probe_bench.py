@@ -1,6 +1,7 @@
 """benchmarks/probe_bench.py on a tiny random Llama: the JSON contract and real exactness checks."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ def test_fp32_probe_and_opacus_match_naive_norms():
         assert "peak_mem_mib" in stats
     assert r["config"]["padded_tokens"] > r["config"]["real_tokens"]  # --mixed really pads
     assert set(r["ratios_tokens_per_s"]) == {"probe/train_step", "probe/naive", "probe/opacus"}
+    assert "probe_ref" not in r["methods"]  # ref examples are all examples: the probe run itself compares
     assert all(v > 0 for v in r["ratios_tokens_per_s"].values())
     assert r["exactness"]["probe_vs_naive_max_rel_err"] < 1e-4
     assert r["exactness"]["opacus_vs_naive_max_rel_err"] < 1e-4
@@ -56,6 +58,18 @@ def test_cli_prints_one_json_object_and_caps_the_reference_methods(tiny_model_di
     assert r["config"]["model"] == tiny_model_dir
     assert r["methods"]["probe"]["examples"] == 3 and r["methods"]["probe"]["tokens"] == 48
     assert r["methods"]["naive"]["examples"] == 1 and r["methods"]["naive"]["tokens"] == 16
+    assert r["methods"]["probe_ref"]["examples"] == 1 and r["methods"]["probe_ref"]["tokens"] == 16
     assert r["methods"]["opacus"] == {"skipped": True} and r["ratios_tokens_per_s"]["probe/opacus"] is None
+    same = r["methods"]["probe_ref"]["tokens_per_s"] / r["methods"]["naive"]["tokens_per_s"]
+    assert r["ratios_tokens_per_s_same_examples"]["probe/naive"] == pytest.approx(same)
     assert r["exactness"]["probe_vs_naive_max_rel_err"] < 1e-4
     assert r["exactness"]["opacus_vs_naive_max_rel_err"] is None
+
+
+def test_an_opacus_failure_is_reported_not_raised(monkeypatch):
+    monkeypatch.setitem(sys.modules, "opacus", None)  # `import opacus` now raises ModuleNotFoundError
+    r = bench("--examples", "2", "--seq-len", "16")
+    assert r["methods"]["opacus"]["error"].startswith("ModuleNotFoundError")
+    assert r["exactness"]["opacus_vs_naive_max_rel_err"] is None
+    assert r["ratios_peak_mem"]["probe/opacus"] is None
+    assert r["exactness"]["probe_vs_naive_max_rel_err"] < 1e-4

@@ -56,7 +56,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     counts = {p: 0 for p in PARTITIONS}
     files = {p: [] for p in PARTITIONS}
-    quarantine = _read_jsonl(state["ingest"]["quarantine"])
+    quarantine = read_jsonl(state["ingest"]["quarantine"])
     truncated = 0
     for i, (ing, tok, prb) in enumerate(_shards(state)):
         records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
@@ -72,7 +72,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
                 counts[part] += subset.num_rows
     write_jsonl(staging / "quarantine" / "part-00000.jsonl", quarantine)
     for folder in (*PARTITIONS, "quarantine"):
-        _swap(staging / folder, out / folder)
+        swap_into_place(staging / folder, out / folder)
     shutil.rmtree(staging, ignore_errors=True)
     ing_counts = state["ingest"]["counts"]
     manifest = {
@@ -91,7 +91,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         "cache": state["cache"],
         "timings_s": {**{k: round(v, 3) for k, v in state["timings"].items()},
                       "route": round(time.perf_counter() - t0, 3)},
-        "versions": _versions(),
+        "versions": versions(),
     }
     c = manifest["counts"]
     if c["input"] != c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"]:
@@ -100,7 +100,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     return manifest
 
 
-def _swap(new: Path, final: Path) -> None:
+def swap_into_place(new: Path, final: Path) -> None:
     old = final.with_name(f".old-{final.name}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -112,12 +112,12 @@ def _swap(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import datasets
     import polars
     import torch

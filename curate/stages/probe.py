@@ -2,7 +2,8 @@
 
 Examples are sorted by length and packed into batches of at most `batch_tokens` padded tokens, so a
 batch wastes little on padding; results go back to input order. Batch composition never changes a
-number (see curate.gradients), which is why batch_tokens and device are not part of the cache key."""
+number beyond float32 rounding (see curate.gradients), which is why batch_tokens and device are not
+part of the cache key."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class ProbeConfig:
     model: str | None = None                   # None: the embedded SmolLM2-135M-Instruct
     device: str = "auto"                       # auto: cuda when present
     dtype: str = "auto"                        # auto: bf16 autocast on cuda, fp32 on cpu
-    batch_tokens: int = 8192                   # padded tokens per forward/backward
+    batch_tokens: int = 4096                   # padded tokens per forward/backward (~1.7 MB each for SmolLM2)
     modules: tuple[str, ...] = gradients.DEFAULT_MODULES
 
 
