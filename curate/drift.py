@@ -23,7 +23,7 @@ from curate.config import DriftConfig
 from curate.executors import make_executor
 from curate.io.atomic import clean_stale_temps, read_arrow, stable_hash, write_arrow, write_json, write_jsonl
 from curate.io.routed import read_jsonl, swap_into_place, versions
-from curate.pipeline import run_ingest, run_sharded
+from curate.pipeline import run_ingest, run_sharded, timed
 from curate.returns import ReturnConfig, trajectory_return
 from curate.stages import weights as W
 from curate.stages.rollout import Rollout
@@ -80,13 +80,11 @@ def run_drift(cfg: DriftConfig) -> dict:
     executor = make_executor(cfg.workers, cfg.scheduler)
     timings, cache = {}, {}
     try:
-        t = time.perf_counter()
-        ing, cache["ingest"] = run_ingest(cfg, work / "ingest")
-        timings["ingest"] = time.perf_counter() - t
-        t = time.perf_counter()
-        gpu = not recorded and models.resolve_device(cfg.device) == "cuda"
-        rol, cache["rollout"] = run_sharded(stage, ing["shards"], work / "rollout", executor, cfg.force, gpu=gpu)
-        timings["rollout"] = time.perf_counter() - t
+        with timed(timings, "ingest"):
+            ing, cache["ingest"] = run_ingest(cfg, work / "ingest")
+        with timed(timings, "rollout"):
+            gpu = not recorded and models.resolve_device(cfg.device) == "cuda"
+            rol, cache["rollout"] = run_sharded(stage, ing["shards"], work / "rollout", executor, cfg.force, gpu=gpu)
     finally:
         executor.close()
     t = time.perf_counter()

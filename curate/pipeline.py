@@ -8,6 +8,7 @@ resumes where it stopped."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,6 +101,16 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
     return done, {"computed": 1, "cached": 0}
 
 
+@contextmanager
+def timed(timings: dict, name: str):
+    """Wall seconds of a block into timings[name] (the manifest's timings_s)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - start
+
+
 def run_prism(cfg: PrismConfig) -> dict:
     """The whole job; returns the manifest it wrote."""
     work = cfg.work_dir
@@ -110,17 +121,14 @@ def run_prism(cfg: PrismConfig) -> dict:
     executor = make_executor(cfg.workers, cfg.scheduler)
     timings, cache = {}, {}
     try:
-        t = time.perf_counter()
-        ing, cache["ingest"] = run_ingest(cfg, work / "ingest")
-        timings["ingest"] = time.perf_counter() - t
-        t = time.perf_counter()
-        tok, cache["tokenize"] = run_sharded(Tokenize(cfg.tokenize()), ing["shards"], work / "tokenize",
-                                             executor, cfg.force)
-        timings["tokenize"] = time.perf_counter() - t
-        t = time.perf_counter()
-        gpu = models.resolve_device(cfg.device) == "cuda"
-        prb, cache["probe"] = run_sharded(probe, tok, work / "probe", executor, cfg.force, gpu=gpu)
-        timings["probe"] = time.perf_counter() - t
+        with timed(timings, "ingest"):
+            ing, cache["ingest"] = run_ingest(cfg, work / "ingest")
+        with timed(timings, "tokenize"):
+            tok, cache["tokenize"] = run_sharded(Tokenize(cfg.tokenize()), ing["shards"], work / "tokenize",
+                                                 executor, cfg.force)
+        with timed(timings, "probe"):
+            gpu = models.resolve_device(cfg.device) == "cuda"
+            prb, cache["probe"] = run_sharded(probe, tok, work / "probe", executor, cfg.force, gpu=gpu)
     finally:
         executor.close()
     state = {"config": asdict(cfg), "ingest": ing, "tokenize": tok, "probe": prb,
