@@ -38,7 +38,7 @@ class JobPaths:
         return Path(self.work) if self.work else Path(self.out) / ".work"
 
     def ingest(self) -> IngestConfig:
-        return IngestConfig(list(self.input), self.format, self.shard_size, self.limit)
+        return IngestConfig(list(self.input), self.format, self.shard_size, self.limit, self.skip_bad_files)
 
 
 @dataclass
@@ -64,6 +64,8 @@ class PrismConfig(JobPaths):
     workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
     scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
     force: bool = opt(False, "recompute every stage, ignoring the cache")
+    skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")
+    trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
 
     def tokenize(self) -> TokenizeConfig:
         return TokenizeConfig(self.model, self.max_length)
@@ -109,6 +111,8 @@ class DriftConfig(JobPaths):
     workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
     scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
     force: bool = opt(False, "recompute every stage, ignoring the cache")
+    skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")
+    trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.model, self.engine, self.device, self.temperature, self.top_p,

@@ -18,7 +18,7 @@ from curate import models
 from curate.config import PrismConfig
 from curate.executors import make_executor
 from curate.io import routed
-from curate.io.atomic import clean_stale_temps, read_arrow, read_json, stable_hash, write_arrow, write_json, write_jsonl
+from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, read_json, stable_hash, write_arrow, write_json
 from curate.stages.base import Stage
 from curate.stages.ingest import ingest, input_fingerprint
 from curate.stages.probe import Probe
@@ -92,10 +92,10 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
         path = folder / f"part-{i:05d}.arrow"
         shards.append({"path": str(path), "sha256": write_arrow(path, table), "rows": table.num_rows})
 
-    res = ingest(icfg, write_shard)
-    write_jsonl(folder / "quarantine.jsonl", res.quarantine)
+    with jsonl_writer(folder / "quarantine.jsonl") as quarantine:  # streamed: bad records can be many
+        res = ingest(icfg, write_shard, quarantine.write)
     _remove_parts_beyond(folder, len(shards))
-    done = {"key": key, "shards": shards, "counts": res.counts, "files": res.files,
+    done = {"key": key, "shards": shards, "counts": res.counts, "files": res.files, "skipped": res.skipped,
             "quarantine": str(folder / "quarantine.jsonl")}
     write_json(marker, done)
     return done, {"computed": 1, "cached": 0}

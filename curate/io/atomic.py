@@ -54,12 +54,36 @@ def read_json(path: str | os.PathLike):
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    n = 0
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with jsonl_writer(path) as sink:
         for row in rows:
-            fh.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+            sink.write(row)
+    return sink.count
+
+
+class JsonlSink:
+    """Appends rows as canonical JSON lines to an open file and counts them (see `jsonl_writer`)."""
+
+    def __init__(self, fh):
+        self._fh, self.count = fh, 0
+
+    def write(self, row: dict) -> None:
+        self._fh.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def copy_lines(self, path: str | os.PathLike) -> None:
+        """Append another JSON-lines file row by row (streamed: quarantine files can be large)."""
+        with open(path, encoding="utf-8") as src:
+            for line in src:
+                if line.strip():
+                    self._fh.write(line if line.endswith("\n") else line + "\n")
+                    self.count += 1
+
+
+@contextmanager
+def jsonl_writer(path: str | os.PathLike) -> Iterator[JsonlSink]:
+    """A JSON-lines file written row by row, never held in memory, committed atomically at the end."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        yield JsonlSink(fh)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import curate
-from curate.io.atomic import read_arrow, write_arrow, write_json, write_jsonl
+from curate.io.atomic import jsonl_writer, read_arrow, write_arrow, write_json
 from curate.stages import route
 
 PARTITIONS = ("sft", "rl")
@@ -56,21 +56,23 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     counts = {p: 0 for p in PARTITIONS}
     files = {p: [] for p in PARTITIONS}
-    quarantine = read_jsonl(state["ingest"]["quarantine"])
     truncated = 0
-    for i, (ing, tok, prb) in enumerate(_shards(state)):
-        records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
-        quarantine += _token_quarantine(records, tokens)
-        truncated += pc.sum(tokens.column("truncated")).as_py() or 0
-        rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg)
-        for part in PARTITIONS:
-            subset = rows.filter(pc.equal(rows.column("route"), part))
-            if subset.num_rows:
-                name = f"{part}/part-{i:05d}.arrow"
-                write_arrow(staging / name, subset)
-                files[part].append(name)
-                counts[part] += subset.num_rows
-    write_jsonl(staging / "quarantine" / "part-00000.jsonl", quarantine)
+    # quarantine is streamed to its file (ingest's rows, then each shard's tokenize rows): never in memory
+    with jsonl_writer(staging / "quarantine" / "part-00000.jsonl") as quarantine:
+        quarantine.copy_lines(state["ingest"]["quarantine"])
+        for i, (ing, tok, prb) in enumerate(_shards(state)):
+            records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
+            for row in _token_quarantine(records, tokens):
+                quarantine.write(row)
+            truncated += pc.sum(tokens.column("truncated")).as_py() or 0
+            rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg)
+            for part in PARTITIONS:
+                subset = rows.filter(pc.equal(rows.column("route"), part))
+                if subset.num_rows:
+                    name = f"{part}/part-{i:05d}.arrow"
+                    write_arrow(staging / name, subset)
+                    files[part].append(name)
+                    counts[part] += subset.num_rows
     for folder in (*PARTITIONS, "quarantine"):
         swap_into_place(staging / folder, out / folder)
     shutil.rmtree(staging, ignore_errors=True)
@@ -78,8 +80,8 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     manifest = {
         "curate_version": curate.__version__,
         "counts": {"input": ing_counts["input"], "duplicates": ing_counts["duplicates"],
-                   "quarantined": len(quarantine), "quarantined_ingest": ing_counts["quarantined"],
-                   "quarantined_tokenize": len(quarantine) - ing_counts["quarantined"],
+                   "quarantined": quarantine.count, "quarantined_ingest": ing_counts["quarantined"],
+                   "quarantined_tokenize": quarantine.count - ing_counts["quarantined"],
                    "truncated": truncated, **counts},
         "routing": {**asdict(cfg), "threshold": threshold, "rule": "score <= threshold -> sft" +
                     (" (reversed: -> rl)" if cfg.reverse else "")},
@@ -88,6 +90,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         "modules": state["modules"],
         "config": state["config"],
         "inputs": state["ingest"]["files"],
+        "skipped_files": state["ingest"].get("skipped", []),
         "cache": state["cache"],
         "timings_s": {**{k: round(v, 3) for k, v in state["timings"].items()},
                       "route": round(time.perf_counter() - t0, 3)},
