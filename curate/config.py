@@ -16,6 +16,7 @@ from curate.gradients import DEFAULT_MODULES
 from curate.returns import ReturnConfig
 from curate.schema import METRICS
 from curate.stages.ingest import IngestConfig
+from curate.stages.prefix import PREFIX_MODES, PrefixConfig
 from curate.stages.probe import ProbeConfig
 from curate.stages.rollout import DEFAULT_FEEDBACK, RolloutConfig
 from curate.stages.route import RouteConfig
@@ -52,7 +53,7 @@ class PrismConfig(JobPaths):
     shard_size: int = opt(256, "records per shard (the unit of caching, resume and parallelism)")
     max_length: int | None = opt(2048, "tokens per example; longer ones lose the start of their context")
     device: str = opt("auto", "where the probe runs", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "probe matmul precision (auto: bf16 on cuda, fp32 on cpu)", choices=("auto", "fp32", "bf16", "fp16"))
+    dtype: str = opt("auto", "probe matmul precision (auto: fp32, exact; bf16/fp16: autocast, faster on GPUs, ~1e-2 error)", choices=("auto", "fp32", "bf16", "fp16"))
     batch_tokens: int = opt(4096, "padded tokens per probe batch (memory: ~1.7 MB a token for SmolLM2 in fp32)")
     modules: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES),
                                metadata={"help": "linear module names probed in every layer, in this order", "nargs": "+"})
@@ -61,11 +62,16 @@ class PrismConfig(JobPaths):
     threshold: float | None = opt(None, "split at this fixed score instead of a quantile")
     reverse: bool = opt(False, "send high scores to sft and low to rl")
     seed: int = opt(0, "seed of the random control metric")
+    prefix: str = opt("rl", "Prefix-RFT annotations (demo, demo_len_tokens, cut_points) on these rows", choices=PREFIX_MODES)
+    prefix_tokenizer: str | None = opt(None, "tokenizer whose tokens demo_len_tokens and cut_points count (default: the probe model's)")
     workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
     scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
     force: bool = opt(False, "recompute every stage, ignoring the cache")
     skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")
     trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
+
+    def prefix_stage(self) -> PrefixConfig:
+        return PrefixConfig(self.prefix_tokenizer or self.model)
 
     def tokenize(self) -> TokenizeConfig:
         return TokenizeConfig(self.model, self.max_length)

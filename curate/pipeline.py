@@ -21,6 +21,7 @@ from curate.io import routed
 from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, read_json, stable_hash, write_arrow, write_json
 from curate.stages.base import Stage
 from curate.stages.ingest import ingest, input_fingerprint
+from curate.stages.prefix import Prefix
 from curate.stages.probe import Probe
 from curate.stages.tokenize import Tokenize
 
@@ -129,9 +130,14 @@ def run_prism(cfg: PrismConfig) -> dict:
         with timed(timings, "probe"):
             gpu = models.resolve_device(cfg.device) == "cuda"
             prb, cache["probe"] = run_sharded(probe, tok, work / "probe", executor, cfg.force, gpu=gpu)
+        pre = None
+        if cfg.prefix != "none":
+            with timed(timings, "prefix"):
+                pre, cache["prefix"] = run_sharded(Prefix(cfg.prefix_stage()), ing["shards"], work / "prefix",
+                                                   executor, cfg.force)
     finally:
         executor.close()
-    state = {"config": asdict(cfg), "ingest": ing, "tokenize": tok, "probe": prb,
+    state = {"config": asdict(cfg), "ingest": ing, "tokenize": tok, "probe": prb, "prefix": pre,
              "model": probe.identity()["model"], "modules": prb[0]["modules"] if prb else [],
              "timings": timings, "cache": cache}
     write_json(work / STATE, state)

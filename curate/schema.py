@@ -57,4 +57,5 @@ ROUTED = "routed"
 TOKEN_COLUMNS = ("n_tokens", "n_loss_tokens", "truncated")
 PROBE_COLUMNS = ("probe_loss", "grad_norms", "grad_norm_total")
 SCORE_COLUMNS = ("gini", "cv", "kurtosis", "magnitude", "random")
+PREFIX_COLUMNS = ("demo", "demo_len_tokens", "cut_points")
 METRICS = ("gini", "cv", "kurtosis", "magnitude", "random")

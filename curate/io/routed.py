@@ -25,14 +25,16 @@ PARTITIONS = ("sft", "rl")
 
 
 def _shards(state: dict):
-    for ing, tok, prb in zip(state["ingest"]["shards"], state["tokenize"], state["probe"]):
-        yield ing["path"], tok["path"], prb["path"]
+    """(records, tokens, probe, prefix or None) paths of every work shard."""
+    prefix = state.get("prefix") or [None] * len(state["probe"])
+    for ing, tok, prb, pre in zip(state["ingest"]["shards"], state["tokenize"], state["probe"], prefix):
+        yield ing["path"], tok["path"], prb["path"], pre and pre["path"]
 
 
 def corpus_scores(state: dict, cfg: route.RouteConfig) -> np.ndarray:
     """Pass 1: the routing score of every probed row (only ids and norms are read)."""
     parts = []
-    for ing, _, prb in _shards(state):
+    for ing, _, prb, _ in _shards(state):
         norms = read_arrow(prb, ["grad_norms"]).column("grad_norms")
         ids = read_arrow(ing, ["id"]).column("id").filter(pc.invert(pc.is_null(norms)))
         parts.append(route.scores(ids.to_pylist(), norms.drop_null(), cfg.seed)[cfg.metric])
@@ -57,15 +59,17 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     counts = {p: 0 for p in PARTITIONS}
     files = {p: [] for p in PARTITIONS}
     truncated = 0
+    prefix_rows = state["config"].get("prefix", "none")
     # quarantine is streamed to its file (ingest's rows, then each shard's tokenize rows): never in memory
     with jsonl_writer(staging / "quarantine" / "part-00000.jsonl") as quarantine:
         quarantine.copy_lines(state["ingest"]["quarantine"])
-        for i, (ing, tok, prb) in enumerate(_shards(state)):
+        for i, (ing, tok, prb, pre) in enumerate(_shards(state)):
             records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
             for row in _token_quarantine(records, tokens):
                 quarantine.write(row)
             truncated += pc.sum(tokens.column("truncated")).as_py() or 0
-            rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg)
+            prefix = read_arrow(pre) if pre else None
+            rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg, prefix, prefix_rows)
             for part in PARTITIONS:
                 subset = rows.filter(pc.equal(rows.column("route"), part))
                 if subset.num_rows:

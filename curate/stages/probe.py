@@ -25,7 +25,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class ProbeConfig:
     model: str | None = None                   # None: the embedded SmolLM2-135M-Instruct
     device: str = "auto"                       # auto: cuda when present
-    dtype: str = "auto"                        # auto: bf16 autocast on cuda, fp32 on cpu
+    dtype: str = "auto"                        # auto: fp32 (see resolved_dtype)
     batch_tokens: int = 4096                   # padded tokens per forward/backward (~1.7 MB each for SmolLM2)
     modules: tuple[str, ...] = gradients.DEFAULT_MODULES
 
@@ -45,9 +45,10 @@ def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 def resolved_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return dtype
+    """auto is fp32 on every device. bf16 autocast moves SmolLM2's per-module norms by up to ~9% (q/k
+    projections; Opacus agrees, so it is bf16 itself, and fp32 attention does not help): enough to flip
+    rows near the threshold, so the faster dtype is an explicit choice. (`device` is kept for callers.)"""
+    return "fp32" if dtype == "auto" else dtype
 
 
 class Probe(Stage):

@@ -1,0 +1,97 @@
+"""Stage `prefix`: Prefix-RFT annotations. For every demonstration, the text a trainer would splice in
+as a prefix (`demo`), its length in tokens and the token offsets where a cut is clean.
+
+Prefix-RFT (Huang et al., 2025) replaces one rollout per group with y*_{<L} plus the policy's
+continuation, L = floor(l * |y*|) for a ratio l drawn by the trainer. Cutting mid-word or mid-number
+hands the policy a broken token to continue from, so we list the offsets L where the prefix ends at a
+line end, a sentence end or a turn boundary, and the trainer snaps its L to the nearest one. The ratio
+and its schedule stay the trainer's.
+
+`demo` is everything the policy would generate after the prompt: for a single reply its content, for an
+agent transcript the rendered text from the first assistant turn to the end of the last one (observations
+and template markup included, exactly as the model sees them). Token offsets count tokens of
+`tokenizer(demo, add_special_tokens=False)`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from curate import chat, models
+from curate.stages.base import Stage
+
+# a cut after a token whose text ends a line, or ends a sentence and is followed by whitespace
+_LINE_END = re.compile(r"\n\s*$")
+_SENTENCE_END = re.compile(r"[.!?。！？][\"')\]]*\s*$")
+PREFIX_MODES = ("rl", "all", "none")   # which routed rows carry the annotations
+
+
+@dataclass
+class PrefixConfig:
+    tokenizer: str | None = None      # whose tokens L counts (default: the probe model's)
+
+
+@dataclass(frozen=True)
+class Demo:
+    text: str
+    n_tokens: int
+    cut_points: list[int]
+
+
+def demo_text(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+    """The demonstration after the prompt, and the character offsets (in it) where assistant turns
+    after the first begin: turn boundaries of an agent transcript."""
+    text, spans = chat.assistant_spans(tokenizer, messages)
+    if not spans:
+        return "", []
+    last = [m for m in messages if m["role"] == "assistant"][-1]["content"]
+    end = text.find(last, spans[-1][0]) if last else -1
+    end = end + len(last) if end >= 0 else spans[-1][1]
+    start = spans[0][0]
+    return text[start:end], [s - start for s, _ in spans[1:]]
+
+
+def cut_points(text: str, offsets: list[tuple[int, int]], turn_starts: list[int]) -> list[int]:
+    """Token counts L (0 < L < n) after which the prefix ends cleanly."""
+    n, cuts = len(offsets), set()
+    starts = set(turn_starts)
+    for t, (a, b) in enumerate(offsets[:-1]):
+        piece, after = text[a:b], text[b:b + 1]
+        if _LINE_END.search(piece) or (_SENTENCE_END.search(piece) and (after.isspace() or not after)):
+            cuts.add(t + 1)
+        if offsets[t + 1][0] in starts:
+            cuts.add(t + 1)
+    return sorted(c for c in cuts if 0 < c < n)
+
+
+def annotate(tokenizer, messages: list[dict]) -> Demo | None:
+    text, turn_starts = demo_text(tokenizer, messages)
+    if not text:
+        return None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return Demo(text, len(enc["input_ids"]), cut_points(text, enc["offset_mapping"], turn_starts))
+
+
+class Prefix(Stage):
+    name = "prefix"
+    reads = ("messages",)
+    writes = pa.schema([("demo", pa.string()), ("demo_len_tokens", pa.int32()),
+                        ("cut_points", pa.list_(pa.int32()))])
+
+    def identity(self) -> dict:
+        return {**super().identity(), "tokenizer": models.identity(models.resolve(self.config.tokenizer))}
+
+    def run(self, shard: pa.Table) -> pa.Table:
+        tok = models.load_tokenizer(models.resolve(self.config.tokenizer))
+        rows = {k: [] for k in self.writes.names}
+        for messages in shard.column("messages").to_pylist():
+            try:
+                demo = annotate(tok, messages)
+            except ValueError:  # the tokenize stage quarantines it with the reason
+                demo = None
+            rows["demo"].append(demo.text if demo else None)
+            rows["demo_len_tokens"].append(demo.n_tokens if demo else None)
+            rows["cut_points"].append(demo.cut_points if demo else None)
+        return self.check(shard, pa.table(rows))
