@@ -4,8 +4,9 @@ resources) summarising a routed folder (`curate prism`, `curate route`) or a DRI
 It stays cheap at any size: each shard is read for the few columns the page needs, and everything but
 the per-row scores and numeric signal columns (8 bytes a row each) is reduced shard by shard to sums
 and counters; messages are never read. The page is deterministic: the same folder gives the same bytes
-(no dates, no absolute paths, PNGs without a Software stamp), and it is written atomically next to
-manifest.json, never inside sft/ or rl/ (LLaMA-Factory rejects folders with non-data files)."""
+(no dates, no paths but the manifest's, PNGs without a Software stamp; the manifest's timings and
+cache counts are left out, so an identical rerun gives an identical report), and it
+is written atomically next to manifest.json, never inside sft/ or rl/ (LLaMA-Factory rejects mixed folders)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.io.atomic import atomic_path, read_arrow, read_json
+from curate.io.atomic import TMP_SUFFIX, atomic_path, read_arrow, read_json
 from curate.report_plots import grouped_bars, norm_heatmaps, score_histograms, value_histograms
 
 REPORT = "report.html"
@@ -187,7 +188,6 @@ def _overview(s: Summary) -> str:
     rows += [[f"count {k}", v] for k, v in (m.get("counts") or {}).items()]
     for block in ("weights", "returns"):  # drift: ESS, clipping, success rate, mean return
         rows += [[f"{block} {k}", v] for k, v in (m.get(block) or {}).items() if isinstance(v, (int, float, str))]
-    rows += [[f"seconds {k}", v] for k, v in (m.get("timings_s") or {}).items()]
     rows.append(["curate version", m.get("curate_version", "?")])
     return "<h2>Overview</h2>" + _table("overview", ["item", "value"], rows)
 
@@ -271,6 +271,8 @@ def write_report(out: str | Path) -> Path:
     """Write OUT/report.html atomically; raises on an unreadable folder (naming the file)."""
     page = render(summarize(out))
     path = Path(out) / REPORT
+    for stale in path.parent.glob(f".{REPORT}.*{TMP_SUFFIX}"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
