@@ -58,6 +58,16 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from curate.formats.export import export
+
+    m = export(args.routed, args.to, args.out)
+    files = ", ".join(f"{name} ({f['rows']} rows)" for name, f in m["files"].items())
+    skipped = "".join(f"\n  skipped {p}: {why}" for p, why in m["skipped"].items())
+    print(f"exported {args.routed} for {args.to}: {files}\n  {args.out}/manifest.json{skipped}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from curate.pipeline import run_prism
 
@@ -89,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drift", help="K verified multi-turn rollouts per prompt -> DRIFT-weighted SFT data")
     config.add_arguments(p, config.DriftConfig)
     p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("export", help="write a routed folder as the files one trainer reads")
+    p.add_argument("--routed", required=True, help="a curate output folder (sft/, rl/, optional pairs/, manifest.json)")
+    p.add_argument("--to", required=True, choices=("trl", "verl", "openrlhf", "llamafactory"), help="target trainer")
+    p.add_argument("--out", required=True, help="export folder (replaced as a whole; see docs/exports.md)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="run a pipeline file, e.g. pipelines/prism.yaml or pipelines/drift.yaml")
     p.add_argument("pipeline", help="YAML file whose keys are the job's options")

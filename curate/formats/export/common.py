@@ -1,0 +1,181 @@
+"""What every export target shares: reading a routed folder shard by shard, the row conventions
+(trimmed SFT conversations, one type for `ground_truth`, completions without their prompt) and
+streaming writers that commit one file atomically however many shards go into it."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.io.atomic import atomic_path, read_arrow
+
+PARTITIONS = ("sft", "rl", "pairs")
+# Columns holding message lists; everything else that is not a list is a "scalar" column.
+MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "train_context")
+AGENT_FORMATS = ("transcript", "actions", "webshop_session")
+
+
+def shard_files(routed: Path, partition: str) -> list[Path]:
+    return sorted((routed / partition).glob("*.arrow"))
+
+
+def partition_schema(files: list[Path]) -> pa.Schema:
+    """One schema for all shards of a partition: a column that is all-null in one shard (say `reward`)
+    and float in another must come out as one type, or a multi-shard file could not be written."""
+    schemas = []
+    for f in files:
+        with pa.OSFile(str(f), "rb") as src:
+            schemas.append(pa.ipc.open_stream(src).schema)
+    return pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def read_shards(files: list[Path]) -> Iterator[tuple[Path, pa.Table]]:
+    """Shards in file order, cast to the partition's unified schema (one shard in memory at a time)."""
+    schema = partition_schema(files)
+    for f in files:
+        table = read_arrow(f)
+        yield f, table.select(schema.names).cast(schema) if table.schema != schema else table
+
+
+def row_error(path: Path, row: dict, reason: str) -> ValueError:
+    return ValueError(f"{path}: record {row.get('id', '?')} (row {row.get('source_index', '?')} of "
+                      f"{row.get('source', '?')}): {reason}")
+
+
+def trim_to_last_assistant(messages: list[dict]) -> list[dict]:
+    """SFT trains on assistant turns: a transcript that ends with an observation or a user turn loses
+    that tail (nothing after the last reply is learned from, and some trainers reject it)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    return list(messages[:last + 1])
+
+
+def ground_truth(value: str | None) -> str:
+    """`ground_truth` is always a string across rows ("" when the input had none, e.g. agent data):
+    verl and TRL collate columns per batch, and a column mixing null and strings breaks some of them."""
+    return "" if value is None else str(value)
+
+
+def completion(prompt: list[dict], messages: list[dict]) -> list[dict]:
+    """`chosen`/`rejected` without the prompt when they repeat it (TRL's explicit-prompt form)."""
+    n = len(prompt)
+    return list(messages[n:]) if n and list(messages[:n]) == list(prompt) else list(messages)
+
+
+def ability(fmt: str | None, truth: str) -> str:
+    return "agent" if fmt in AGENT_FORMATS else "verifiable" if truth else "chat"
+
+
+def scalar_columns(schema: pa.Schema) -> list[str]:
+    """Columns that are not lists or structs: ids, provenance, scores, weights (what JSON exports keep)."""
+    return [f.name for f in schema if not pa.types.is_nested(f.type)]
+
+
+def with_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
+    array = pa.array(values, type=type_)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, array)
+    return table.append_column(name, array)
+
+
+class FileSink:
+    """One output file written shard by shard into a temporary sibling, renamed on success.
+
+    kind: "arrow" (IPC stream, what `datasets.load_dataset("arrow")` reads), "parquet" or "jsonl"
+    (sorted keys, so the same rows always give the same bytes)."""
+
+    def __init__(self, path: Path, kind: str, stack: ExitStack):
+        self.path, self.kind, self.rows = path, kind, 0
+        self._stack, self._writer, self.schema = stack, None, None
+        self.columns: list[str] = []
+
+    def _open(self, schema: pa.Schema | None) -> None:
+        tmp, self.schema = self._stack.enter_context(atomic_path(self.path)), schema
+        if self.kind == "arrow":
+            sink = self._stack.enter_context(pa.OSFile(str(tmp), "wb"))
+            self._writer = self._stack.enter_context(pa.ipc.new_stream(sink, schema))
+        elif self.kind == "parquet":
+            self._writer = self._stack.enter_context(pq.ParquetWriter(str(tmp), schema))
+        else:
+            self._writer = self._stack.enter_context(open(tmp, "w", encoding="utf-8"))
+
+    def write_table(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._open(table.schema)
+            self.columns = table.column_names
+        elif table.column_names != self.columns:
+            raise ValueError(f"{self.path}: shards disagree on columns: {self.columns} vs {table.column_names}")
+        self._writer.write_table(table if table.schema == self.schema else table.cast(self.schema))
+        self.rows += table.num_rows
+
+    def write_rows(self, rows: list[dict]) -> None:
+        if self._writer is None:
+            self._open(None)
+        for row in rows:
+            self.columns = sorted(set(self.columns) | set(row))
+            self._writer.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+        self.rows += len(rows)
+
+
+# --- table conversions shared by the columnar targets (TRL arrow, verl parquet) ---
+
+# SFT rows drop these: TRL's SFTTrainer reads a `prompt` column as the prompt-completion type (and then
+# wants `completion`), so `messages` must be the only conversation it sees.
+SFT_RESERVED = ("prompt", "completion", "text", "tools", "chat_template_kwargs")
+
+
+def sft_table(table: pa.Table, path: Path) -> pa.Table:
+    """Every other column kept; `messages` ends with its last assistant turn; `ground_truth` a string."""
+    table = table.drop_columns([c for c in SFT_RESERVED if c in table.column_names])
+    trimmed = []
+    for row in table.select([c for c in ("id", "source", "source_index", "messages") if c in table.column_names]).to_pylist():
+        msgs = trim_to_last_assistant(row["messages"] or [])
+        if not msgs:
+            raise row_error(path, row, "no assistant turn to train on")
+        trimmed.append(msgs)
+    table = with_column(table, "messages", trimmed, table.schema.field("messages").type)
+    return normalize_ground_truth(table, add=False)
+
+
+def rl_table(table: pa.Table, path: Path) -> pa.Table:
+    """Prompt-only rows (`prompt` = messages before the first assistant turn) with every other column,
+    and a string `ground_truth` on every row, so reward functions can always read it."""
+    if "prompt" not in table.column_names:
+        raise ValueError(f"{path}: an rl shard needs a `prompt` column; it has {table.column_names}")
+    return normalize_ground_truth(table, add=True)
+
+
+def pairs_table(table: pa.Table, path: Path) -> pa.Table:
+    """`prompt` / `chosen` / `rejected` message lists, completions without the prompt (TRL's explicit
+    prompt form), each ending with an assistant turn; the other columns (reference log-probs, rewards,
+    scores) are kept."""
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: a pairs shard needs columns prompt, chosen, rejected; missing {missing}")
+    cols = {"chosen": [], "rejected": []}
+    keys = [c for c in ("id", "source", "source_index", "prompt", "chosen", "rejected") if c in table.column_names]
+    for row in table.select(keys).to_pylist():
+        for side in cols:
+            msgs = completion(row["prompt"] or [], row[side] or [])
+            if not msgs or msgs[-1]["role"] != "assistant":
+                raise row_error(path, row, f"`{side}` must end with an assistant turn")
+            cols[side].append(msgs)
+    for side, values in cols.items():
+        table = with_column(table, side, values, table.schema.field(side).type)
+    return normalize_ground_truth(table, add=False)
+
+
+def partition_table(partition: str, table: pa.Table, path: Path) -> pa.Table:
+    """The row conventions of one partition (sft, rl or pairs)."""
+    return {"sft": sft_table, "rl": rl_table, "pairs": pairs_table}[partition](table, path)
+
+
+def normalize_ground_truth(table: pa.Table, add: bool) -> pa.Table:
+    if "ground_truth" not in table.column_names and not add:
+        return table
+    values = table.column("ground_truth").to_pylist() if "ground_truth" in table.column_names else [None] * len(table)
+    return with_column(table, "ground_truth", [ground_truth(v) for v in values], pa.string())

@@ -1,0 +1,59 @@
+"""verl: parquet files in the layout of verl's RLHFDataset (RL) and MultiTurnSFTDataset (SFT).
+
+rl.parquet rows: `data_source` ("curate/<input format>", what a custom reward function dispatches on),
+`prompt` (chat list), `ability`, `reward_model` {style: "rule", ground_truth: string, "" when absent},
+`extra_info` {index, split, id, provenance, scores, reward, Prefix-RFT token annotations} and, when the
+prefix stage ran, `demos` (list of strings) and `demos_corr` (list of bools) as Prefix-RFT's
+PrefixRFTDataset reads them. sft.parquet rows: `messages` (ending with an assistant turn) and the
+scalar columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from curate.formats.export import common
+
+KIND = EXT = "parquet"
+PARTITIONS = ("sft", "rl")
+UNSUPPORTED = {"pairs": "verl has no preference-pair (DPO) trainer; export pairs with --to trl or openrlhf"}
+# Columns copied into extra_info when present (reward functions receive extra_info).
+EXTRA_INFO = ("id", "source", "source_index", "format", "reward", "score", "gini", "cv", "kurtosis",
+              "probe_loss", "grad_norm_total", "route", "threshold", "weight", "return", "rm_score",
+              "implicit_reward", "demo_len_tokens", "cut_points")
+
+
+def convert(partition: str, table: pa.Table, path: Path, offset: int) -> pa.Table:
+    if partition == "sft":
+        table = common.sft_table(table, path)
+        return table.select(["messages", *[c for c in common.scalar_columns(table.schema) if c != "messages"]])
+    return rl_table(common.rl_table(table, path), offset)
+
+
+def rl_table(table: pa.Table, offset: int) -> pa.Table:
+    names = table.column_names
+    extra_cols = [c for c in EXTRA_INFO if c in names]
+    extra_type = pa.struct([("index", pa.int64()), ("split", pa.string()),
+                            *[(c, table.schema.field(c).type) for c in extra_cols]])
+    fmts = table.column("format").to_pylist() if "format" in names else [None] * len(table)
+    truths = table.column("ground_truth").to_pylist()
+    extras = table.select(extra_cols).to_pylist()
+    for i, extra in enumerate(extras):
+        extra.update(index=offset + i, split="train")
+    cols = {
+        "data_source": pa.array([f"curate/{f or 'unknown'}" for f in fmts], pa.string()),
+        "prompt": table.column("prompt"),
+        "ability": pa.array([common.ability(f, t) for f, t in zip(fmts, truths)], pa.string()),
+        "reward_model": pa.array([{"style": "rule", "ground_truth": t} for t in truths],
+                                 pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+        "extra_info": pa.array(extras, extra_type),
+    }
+    if "demo" in names:
+        # A demonstration is "correct" unless the input recorded a failing outcome (reward <= 0).
+        rewards = table.column("reward").to_pylist() if "reward" in names else [None] * len(table)
+        demos = table.column("demo").to_pylist()
+        cols["demos"] = pa.array([[d] if d else [] for d in demos], pa.list_(pa.string()))
+        cols["demos_corr"] = pa.array([[r is None or r > 0] if d else [] for d, r in zip(demos, rewards)],
+                                      pa.list_(pa.bool_()))
+    return pa.table(cols)
