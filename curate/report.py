@@ -180,8 +180,10 @@ def _top(counter: Counter, n: int = TOP) -> tuple[list, int]:
 def _overview(s: Summary) -> str:
     m, rows = s.manifest, []
     rows.append(["job", m.get("job", "prism")])
-    model = m.get("model") or {}
-    rows.append(["model", model.get("name", "none (recorded outcomes)") if isinstance(model, dict) else model])
+    model = m.get("model")
+    if model is None and m.get("job") == "drift":
+        model = {"name": "none (recorded outcomes)"}
+    rows.append(["model", model.get("name", "?") if isinstance(model, dict) else model or "?"])
     for key in ("metric", "quantile", "threshold", "rule"):
         if key in (m.get("routing") or {}):
             rows.append([f"routing {key}", m["routing"][key]])
