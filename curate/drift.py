@@ -75,6 +75,7 @@ def run_drift(cfg: DriftConfig) -> dict:
     work, out = cfg.work_dir, Path(cfg.out)
     work.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(work)
+    clean_stale_temps(out)  # a killed run's temporary manifest or shard
     stage, rcfg, wcfg = Rollout(cfg.rollout()), cfg.returns(), cfg.weights()  # validate before rollouts
     recorded = stage.config.recorded
     executor = make_executor(cfg.workers, cfg.scheduler)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import curate
-from curate.io.atomic import jsonl_writer, read_arrow, write_arrow, write_json
+from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, write_arrow, write_json
 from curate.stages import route
 
 PARTITIONS = ("sft", "rl")
@@ -55,6 +55,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     t0 = time.perf_counter()
     threshold = route.corpus_threshold(corpus_scores(state, cfg), cfg)
     staging = out / ".staging"
+    clean_stale_temps(out)  # e.g. the manifest's temporary file, if a run was killed while writing it
     shutil.rmtree(staging, ignore_errors=True)
     counts = {p: 0 for p in PARTITIONS}
     files = {p: [] for p in PARTITIONS}
