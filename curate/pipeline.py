@@ -18,7 +18,7 @@ from curate import models
 from curate.config import PrismConfig
 from curate.executors import make_executor
 from curate.io import routed
-from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, read_json, stable_hash, write_arrow, write_json
+from curate.io.atomic import check_state_paths, clean_stale_temps, jsonl_writer, read_arrow, read_json, stable_hash, write_arrow, write_json
 from curate.stages.base import Stage
 from curate.stages.ingest import ingest, input_fingerprint
 from curate.stages.prefix import Prefix
@@ -149,5 +149,6 @@ def reroute(work: str | Path, out: str | Path, route_cfg) -> dict:
     path = Path(work) / STATE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no finished prism run in this work folder")
+    check_state_paths(work, read_json(path))  # a crafted state.json must not make route read elsewhere
     return routed.write(read_json(path), route_cfg, Path(out))
 

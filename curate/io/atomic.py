@@ -99,6 +99,31 @@ def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """`path` (relative to `root`, or absolute) resolved, if it lies inside `root`; else ValueError.
+
+    Manifests and state files name data files; a crafted "../", absolute path or symlink in one must not
+    lead a reader or a writer out of the folder it describes."""
+    base = Path(root).resolve()
+    full = (base / path).resolve()  # an absolute `path` replaces `base` here
+    if full != base and base not in full.parents:
+        raise ValueError(f"{path}: outside {base}; refusing a path that escapes its folder")
+    return full
+
+
+def check_state_paths(root: str | os.PathLike, state: dict) -> None:
+    """Every data file a pipeline state file names (stage results' "path"; ingest's "shards" and
+    "quarantine") lies inside `root`, the work folder; input files (ingest "files") are not checked."""
+    for key, value in state.items():
+        entries = value.get("shards", []) if isinstance(value, dict) else value
+        if isinstance(value, dict) and isinstance(value.get("quarantine"), str):
+            inside(root, value["quarantine"])
+        if key != "config" and isinstance(entries, list):
+            for entry in entries:
+                if isinstance(entry, dict) and "path" in entry:
+                    inside(root, entry["path"])
+
+
 def clean_stale_temps(folder: str | os.PathLike) -> int:
     """Remove temporary files a killed run left behind."""
     n = 0
