@@ -40,6 +40,8 @@ EXPECTED = {
     ("non_utf8.jsonl", 0): "not valid UTF-8 (byte 0xe9 at offset 46)",
     ("non_utf8.jsonl", 2): "not valid UTF-8 (byte 0xff at offset 0)",
     ("big.jsonl.gz", 1): "malformed JSON",
+    ("surrogate.jsonl", 0): "message 0: content has an unpaired surrogate (U+D83D at character 13)",
+    ("surrogate.jsonl", 1): "ground truth has an unpaired surrogate (U+DC00",
 }
 # Good records, first occurrence of each content; dup_a.jsonl 2 and dup_b.json 0 repeat dup_a 0 and 1.
 KEPT = [("big.jsonl.gz", 0), ("dup_a.jsonl", 0), ("dup_a.jsonl", 1), ("dup_b.json", 1), ("non_utf8.jsonl", 1),

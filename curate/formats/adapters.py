@@ -30,6 +30,7 @@ from curate.formats.records import (
     BadRecord,
     Normalized,
     as_ground_truth,
+    check_unicode,
     recorded_reward,
     type_name,
     validate_messages,
@@ -107,7 +108,8 @@ def normalize(raw: dict, fmt: str = "auto") -> Normalized:
     else:
         (messages, truth), reward = _CONVERTERS[fmt](raw), recorded_reward(raw)
     validate_messages(messages)
-    return Normalized(fmt, messages, _ground_truth(raw, truth, messages), reward)
+    truth = _ground_truth(raw, truth, messages)
+    return Normalized(fmt, messages, truth if truth is None else check_unicode("ground truth", truth), reward)
 
 
 def _ground_truth(raw: dict, from_format: str | None, messages: list[dict]) -> str | None:

@@ -63,7 +63,19 @@ def check_content(index: int, content: Any) -> str:
         raise BadRecord(f"message {index}: content must be a string, got {type_name(content)}")
     if not content.strip():
         raise BadRecord(f"message {index}: content is empty")
+    check_unicode(f"message {index}: content", content)
     return content
+
+
+def check_unicode(what: str, text: str) -> str:
+    """Refuse an unpaired surrogate (JSON allows "\\ud800"; UTF-8, Arrow and tokenizers do not)."""
+    if not text.isascii():  # fast path: almost all text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRecord(f"{what} has an unpaired surrogate (U+{ord(text[e.start]):04X} at "
+                            f"character {e.start}), which is not valid Unicode") from None
+    return text
 
 
 def validate_messages(messages: list[dict]) -> list[dict]:

@@ -81,8 +81,11 @@ class JsonlSink:
 
 @contextmanager
 def jsonl_writer(path: str | os.PathLike) -> Iterator[JsonlSink]:
-    """A JSON-lines file written row by row, never held in memory, committed atomically at the end."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    """A JSON-lines file written row by row, never held in memory, committed atomically at the end.
+
+    An unpaired surrogate (from a "\\ud800" escape in bad input) is written as that same escape: it only
+    occurs inside JSON strings, so the line stays valid JSON and reads back to the same string."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="backslashreplace") as fh:
         yield JsonlSink(fh)
 
 

@@ -68,6 +68,9 @@ def main() -> None:
         b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "ok"}]}\n'
         + line(chat("Spell caf\u00e9.", "c-a-f-\u00e9")).encode() + b"\n"
         + b"\xff\xfe garbage bytes\n")
+    (rec / "surrogate.jsonl").write_text(  # "\\ud800" is valid JSON but not valid Unicode
+        '{"messages": [{"role": "user", "content": "half a pair: \\ud83d"}, {"role": "assistant", "content": "ok"}]}\n'
+        '{"prompt": "2 + 2?", "completion": "4", "ground_truth": "\\udc00"}\n')
     big_good = line(chat("Summarise this log.", "ok " * (BIG // 3)))
     big_bad = line(chat("Summarise this other log.", "no " * (BIG // 3)))[:-2]  # unterminated
     gz(rec / "big.jsonl.gz", (big_good + "\n" + big_bad + "\n").encode())
