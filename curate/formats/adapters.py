@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from json.encoder import encode_basestring as _encode_str  # the C encoder json.dumps uses (ensure_ascii=False)
 from collections.abc import Callable, Iterable, Iterator
 
 from curate.formats.agents import TRANSCRIPT_KEYS, convert_actions, convert_transcript
@@ -131,11 +133,25 @@ def record_id(n: Normalized) -> str:
     The format and the source are left out on purpose: the same demonstration read from two files or
     two formats gets the same id, which is what deduplication keys on.
     """
-    canonical = json.dumps(
-        {"messages": n.messages, "ground_truth": n.ground_truth, "reward": n.reward},
-        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(canonical_json(n).encode("utf-8")).hexdigest()[:32]
+
+
+def canonical_json(n: Normalized) -> str:
+    """`json.dumps({"messages", "ground_truth", "reward"}, sort_keys=True, ensure_ascii=False,
+    separators=(",", ":"))`, assembled from json's own C string encoder: the same text, several times
+    faster on the ingest hot path. Anything but {role, content} messages and a finite float reward
+    takes the json.dumps route (the property tests check both agree)."""
+    simple = all(len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str
+                 for m in n.messages)
+    if not simple or not (n.ground_truth is None or type(n.ground_truth) is str) or not (
+            n.reward is None or (type(n.reward) is float and math.isfinite(n.reward))):
+        return json.dumps({"messages": n.messages, "ground_truth": n.ground_truth, "reward": n.reward},
+                          sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    enc = _encode_str
+    truth = "null" if n.ground_truth is None else enc(n.ground_truth)
+    reward = "null" if n.reward is None else float.__repr__(n.reward)
+    messages = ",".join(f'{{"content":{enc(m["content"])},"role":{enc(m["role"])}}}' for m in n.messages)
+    return f'{{"ground_truth":{truth},"messages":[{messages}],"reward":{reward}}}'
 
 
 def _attempt(raw: dict, fmt: str) -> Normalized | BadRecord:

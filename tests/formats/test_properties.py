@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from curate import schema
-from curate.formats.adapters import BadRecord, Normalized, iter_normalized, normalize, record_id
+from curate.formats.adapters import BadRecord, Normalized, canonical_json, iter_normalized, normalize, record_id
 from curate.formats.records import ROLES
 from curate.io.readers import RawError, parse_json_line, read_records
 
@@ -121,6 +121,18 @@ def test_record_id_ignores_key_order_and_the_source(raw):
     b = normalize(dict(reversed(list(raw.items()))))
     assert record_id(a) == record_id(b) and len(record_id(a)) == 32
     assert set(record_id(a)) <= set(string.hexdigits.lower())
+
+
+@SETTINGS
+@given(messages=st.lists(message_dicts | st.dictionaries(st.sampled_from(["role", "content", "name"]), text),
+                         max_size=4),
+       truth=st.none() | text,
+       reward=st.none() | st.floats() | st.integers(-2**70, 2**70) | st.booleans())
+def test_fast_canonical_json_is_json_dumps(messages, truth, reward):
+    n = Normalized("messages", messages, truth, reward)
+    expected = json.dumps({"messages": messages, "ground_truth": truth, "reward": reward},
+                          sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert canonical_json(n) == expected
 
 
 def test_unpaired_surrogate_is_a_bad_record_not_a_crash(tmp_path):
