@@ -58,6 +58,13 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from curate.report import write_report
+
+    print(f"wrote {write_report(args.routed)}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from curate.formats.export import export
 
@@ -68,17 +75,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from curate.pipeline import run_prism
+def _rate(r: dict | None) -> str:
+    return "n/a" if r is None else f"{r['demo_wins']:.0%} (ties {r['ties']:.0%})"
 
-    if config.pipeline_job(args.pipeline) == "drift":
+
+def _irft_summary(manifest: dict, out: str) -> str:
+    c, s, w = manifest["counts"], manifest["stage"], manifest["win_rates"]
+    return (f"irft stage {s['index']} of {s['of']}: {c['pairs']} pairs from {c['input']} records "
+            f"(identical dropped {c['identical']}, other stages {c['other_stages']}, quarantined "
+            f"{c['quarantined']}, duplicates {c['duplicates']}); demonstration wins: implicit reward "
+            f"{_rate(w['implicit_reward'])}, reward model {_rate(w['reward_model'])}\n"
+            f"  {out}/pairs/  {out}/stage_index/  {out}/quarantine/  {out}/manifest.json")
+
+
+def cmd_irft(args: argparse.Namespace) -> int:
+    from curate.irft import run_irft
+
+    cfg = config.from_args(args, config.IrftConfig)
+    print(_irft_summary(run_irft(cfg), cfg.out))
+    return 0
+
+
+def run_job(job: str, cfg) -> str:
+    """Run a job's config; its one-paragraph summary."""
+    if job == "drift":
         from curate.drift import run_drift
 
-        dcfg = config.load_yaml(args.pipeline, args.set or [], config.DriftConfig)
-        print(_drift_summary(run_drift(dcfg), dcfg.out))
-        return 0
-    cfg = config.load_yaml(args.pipeline, args.set or [])
-    print(_summary(run_prism(cfg), cfg.out))
+        return _drift_summary(run_drift(cfg), cfg.out)
+    if job == "irft":
+        from curate.irft import run_irft
+
+        return _irft_summary(run_irft(cfg), cfg.out)
+    from curate.pipeline import run_prism
+
+    return _summary(run_prism(cfg), cfg.out)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    job = config.pipeline_job(args.pipeline)
+    if job not in config.JOBS:
+        raise InputError(f"{args.pipeline}: unknown job {job!r}; choose from {', '.join(config.JOBS)}")
+    print(run_job(job, config.load_yaml(args.pipeline, args.set or [], config.JOBS[job])))
     return 0
 
 
@@ -100,13 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, config.DriftConfig)
     p.set_defaults(func=cmd_drift)
 
+    p = sub.add_parser("irft", help="self-generated replies, implicit rewards and RM scores -> DPO pairs (IRFT/SPIN)")
+    config.add_arguments(p, config.IrftConfig)
+    p.set_defaults(func=cmd_irft)
+
+    p = sub.add_parser("report", help="(re)write DIR/report.html: plots of a routed or drift output folder")
+    p.add_argument("--routed", required=True, help="output folder of prism, route or drift (holds manifest.json)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("export", help="write a routed folder as the files one trainer reads")
     p.add_argument("--routed", required=True, help="a curate output folder (sft/, rl/, optional pairs/, manifest.json)")
     p.add_argument("--to", required=True, choices=("trl", "verl", "openrlhf", "llamafactory"), help="target trainer")
     p.add_argument("--out", required=True, help="export folder (replaced as a whole; see docs/exports.md)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="run a pipeline file, e.g. pipelines/prism.yaml or pipelines/drift.yaml")
+    p = sub.add_parser("run", help="run a pipeline file: pipelines/prism.yaml, drift.yaml or irft.yaml")
     p.add_argument("pipeline", help="YAML file whose keys are the job's options")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option (repeatable)")
     p.set_defaults(func=cmd_run)

@@ -15,8 +15,11 @@ from curate.generation import ENGINES, GenerationConfig
 from curate.gradients import DEFAULT_MODULES
 from curate.returns import ReturnConfig
 from curate.schema import METRICS
+from curate.stages.continuation import ContinuationConfig
 from curate.stages.ingest import IngestConfig
-from curate.stages.prefix import PREFIX_MODES, PrefixConfig
+from curate.stages.pair_scores import PairScoresConfig
+from curate.stages.prefix import PREFIX_MODES, Prefix, PrefixConfig
+from curate.stages.reward import Reward, RewardConfig
 from curate.stages.probe import ProbeConfig
 from curate.stages.rollout import DEFAULT_FEEDBACK, RolloutConfig
 from curate.stages.route import RouteConfig
@@ -42,8 +45,27 @@ class JobPaths:
         return IngestConfig(list(self.input), self.format, self.shard_size, self.limit, self.skip_bad_files)
 
 
+class Sampling:
+    """Jobs that sample from a model (drift, irft) build their generation config the same way."""
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(self.model, self.engine, self.device, self.temperature, self.top_p,
+                                self.max_new_tokens, self.seed, self.batch_tokens)
+
+
 @dataclass
-class PrismConfig(JobPaths):
+class RunOptions(JobPaths):
+    """Options every job has: how its shards run and what it may trust."""
+
+    workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
+    scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
+    force: bool = opt(False, "recompute every stage, ignoring the cache")
+    skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")
+    trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
+
+
+@dataclass
+class PrismConfig(RunOptions):
     input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
     out: str = opt("routed", "output folder: sft/, rl/, quarantine/, manifest.json")
     work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
@@ -64,14 +86,14 @@ class PrismConfig(JobPaths):
     seed: int = opt(0, "seed of the random control metric")
     prefix: str = opt("rl", "Prefix-RFT annotations (demo, demo_len_tokens, cut_points) on these rows", choices=PREFIX_MODES)
     prefix_tokenizer: str | None = opt(None, "tokenizer whose tokens demo_len_tokens and cut_points count (default: the probe model's)")
-    workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
-    scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
-    force: bool = opt(False, "recompute every stage, ignoring the cache")
-    skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")
-    trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
+    reward_model: str | None = opt(None, "AutoModelForSequenceClassification folder: adds rm_score to every row")
 
-    def prefix_stage(self) -> PrefixConfig:
-        return PrefixConfig(self.prefix_tokenizer or self.model)
+    def signal_stages(self) -> list:
+        """Optional per-record signal stages whose columns route joins: Prefix-RFT and reward model."""
+        stages = [] if self.prefix == "none" else [Prefix(PrefixConfig(self.prefix_tokenizer or self.model))]
+        if self.reward_model:
+            stages.append(Reward(RewardConfig(self.reward_model, self.device, self.batch_tokens)))
+        return stages
 
     def tokenize(self) -> TokenizeConfig:
         return TokenizeConfig(self.model, self.max_length)
@@ -84,7 +106,7 @@ class PrismConfig(JobPaths):
 
 
 @dataclass
-class DriftConfig(JobPaths):
+class DriftConfig(RunOptions, Sampling):
     """`curate drift`: K multi-turn rollouts per prompt from a fixed reference policy, DRIFT returns and
     per-group importance weights, written as weighted SFT data to OUT/sft/."""
 
@@ -114,15 +136,6 @@ class DriftConfig(JobPaths):
     all_fail: str = opt("keep", "a prompt group with no success: keep (uniform-ish weights) or drop", choices=ALL_FAIL)
     max_weight: float | None = opt(None, "clip weights above this (counted in the manifest)")
     seed: int = opt(0, "sampling seed (each record, sample and turn derives its own)")
-    workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
-    scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
-    force: bool = opt(False, "recompute every stage, ignoring the cache")
-    skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")
-    trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
-
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(self.model, self.engine, self.device, self.temperature, self.top_p,
-                                self.max_new_tokens, self.seed, self.batch_tokens)
 
     def rollout(self) -> RolloutConfig:
         return RolloutConfig(self.generation(), self.samples, self.turns, self.verifier, self.feedback,
@@ -133,6 +146,41 @@ class DriftConfig(JobPaths):
 
     def weights(self) -> WeightsConfig:
         return WeightsConfig(self.beta, self.all_fail, self.max_weight)
+
+
+@dataclass
+class IrftConfig(RunOptions, Sampling):
+    """`curate irft`: for each demonstration, the generator's own reply, log-probs under the policy and
+    the reference, implicit rewards and optional reward-model scores; DPO pairs in OUT/pairs/."""
+
+    input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
+    out: str = opt("irft", "output folder: pairs/, stage_index/, quarantine/, manifest.json")
+    work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
+    model: str | None = opt(None, "generator and policy pi: local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    ref_model: str | None = opt(None, "reference pi_ref of the implicit reward (default: --model, the stage-start model)")
+    reward_model: str | None = opt(None, "AutoModelForSequenceClassification folder: adds rm_score_chosen/rejected")
+    format: str = opt("auto", "input format, detected per record by default", choices=FORMAT_CHOICES)
+    limit: int | None = opt(None, "use only the first N unique records")
+    shard_size: int = opt(64, "records per shard (the unit of caching, resume and parallelism)")
+    stages: int = opt(1, "T: split the prompts into T chunks by id hash, one per IRFT stage")
+    stage: int = opt(0, "t: build the pairs of this chunk (with --model: the checkpoint trained after stage t-1)")
+    beta: float = opt(0.1, "implicit reward beta * (log pi - log pi_ref)")
+    temperature: float = opt(1.0, "sampling temperature of the generated reply (0: greedy)")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    max_new_tokens: int = opt(256, "tokens per generated reply at most")
+    engine: str = opt("auto", "generation engine (auto: vllm if installed and on CUDA, else hf)", choices=ENGINES)
+    device: str = opt("auto", "where the models run", choices=("auto", "cpu", "cuda"))
+    batch_tokens: int = opt(16384, "padded tokens per generate / scoring batch")
+    seed: int = opt(0, "sampling seed (each record derives its own)")
+
+    def continuation(self) -> ContinuationConfig:
+        return ContinuationConfig(self.generation(), self.stages, self.stage)
+
+    def pair_scores(self) -> PairScoresConfig:
+        return PairScoresConfig(self.model, self.ref_model, self.reward_model, self.device, self.batch_tokens)
+
+
+JOBS = {"prism": PrismConfig, "drift": DriftConfig, "irft": IrftConfig}
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=PrismConfig, only: tuple[str, ...] | None = None) -> None:

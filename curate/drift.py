@@ -22,8 +22,9 @@ from curate import chat, generation, models, schema
 from curate.config import DriftConfig
 from curate.executors import make_executor
 from curate.io.atomic import clean_stale_temps, read_arrow, stable_hash, write_arrow, write_json, write_jsonl
-from curate.io.routed import read_jsonl, swap_into_place, versions
+from curate.io.routed import provenance, read_jsonl, swap_into_place
 from curate.pipeline import run_ingest, run_sharded, timed
+from curate.report import try_write_report
 from curate.returns import ReturnConfig, trajectory_return
 from curate.stages import weights as W
 from curate.stages.rollout import Rollout
@@ -128,13 +129,10 @@ def run_drift(cfg: DriftConfig) -> dict:
         "generation": None if recorded else {**asdict(gen), "engine": generation.resolve_engine(gen)},
         "files": {"sft": files},
         "model": None if recorded else models.identity(models.resolve(cfg.model)),
-        "config": asdict(cfg),
-        "inputs": ing["files"],
-        "cache": cache,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "versions": versions(),
+        **provenance(cfg, ing, cache, timings),
     }
     write_json(out / "manifest.json", manifest)
+    try_write_report(out)  # after the data and manifest are committed: a failure only warns
     return manifest
 
 

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from curate import chat, models
+from curate import chat, logprobs, models
 from curate.io.atomic import stable_hash
 from curate.stages.probe import token_batches
 
@@ -76,7 +76,7 @@ def generate(conversations: list[list[dict]], cfg: GenerationConfig, n: int = 1,
         seeds = [row_seed(cfg.seed, t) for t in texts]
     if len(seeds) != len(conversations):
         raise ValueError(f"{len(seeds)} seeds for {len(conversations)} conversations")
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [logprobs.prompt_ids(tok, c) for c in conversations]   # the ids scoring uses too
     rows = [(i, row_seed(s, j) if n > 1 else s) for i, s in enumerate(seeds) for j in range(n)]
     engine = resolve_engine(cfg)
     run = _generate_vllm if engine == "vllm" else _generate_hf

@@ -87,20 +87,25 @@ def _capture(modules: list[tuple[str, nn.Linear]], out: torch.Tensor):
             h.remove()
 
 
-def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              loss_mask: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-example mean NLL over positions where loss_mask is 1 (a token counts as a target).
+def target_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                 inputs_embeds: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+    """(row, log p) of every target token: positions where loss_mask is 1 (a token counts as a target).
     The LM head runs only on target positions: it is the largest matmul and most positions are context."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
     hidden = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-    targets = loss_mask[:, 1:].bool()
-    rows, cols = targets.nonzero(as_tuple=True)
+    rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)
     logits = model.get_output_embeddings()(hidden[rows, cols])  # predicts token cols+1
-    nll = F.cross_entropy(logits.float(), input_ids[rows, cols + 1], reduction="none")
-    counts = targets.sum(dim=1)
-    per_example = torch.zeros(input_ids.shape[0], device=nll.device).index_add_(0, rows, nll)
+    return rows, -F.cross_entropy(logits.to(dtype), input_ids[rows, cols + 1], reduction="none")
+
+
+def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              loss_mask: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example mean NLL over target positions (see target_logps)."""
+    rows, logp = target_logps(model, input_ids, attention_mask, loss_mask, inputs_embeds)
+    counts = loss_mask[:, 1:].sum(dim=1)
+    per_example = torch.zeros(input_ids.shape[0], device=logp.device).index_add_(0, rows, -logp)
     return per_example / counts.clamp(min=1)
 
 

@@ -19,9 +19,9 @@ from curate.config import PrismConfig
 from curate.executors import make_executor
 from curate.io import routed
 from curate.io.atomic import check_state_paths, clean_stale_temps, jsonl_writer, read_arrow, read_json, stable_hash, write_arrow, write_json
+from curate.report import try_write_report
 from curate.stages.base import Stage
 from curate.stages.ingest import ingest, input_fingerprint
-from curate.stages.prefix import Prefix
 from curate.stages.probe import Probe
 from curate.stages.tokenize import Tokenize
 
@@ -130,18 +130,20 @@ def run_prism(cfg: PrismConfig) -> dict:
         with timed(timings, "probe"):
             gpu = models.resolve_device(cfg.device) == "cuda"
             prb, cache["probe"] = run_sharded(probe, tok, work / "probe", executor, cfg.force, gpu=gpu)
-        pre = None
-        if cfg.prefix != "none":
-            with timed(timings, "prefix"):
-                pre, cache["prefix"] = run_sharded(Prefix(cfg.prefix_stage()), ing["shards"], work / "prefix",
-                                                   executor, cfg.force)
+        signals = {}   # optional signal stages on the records: name -> shard results
+        for stage in cfg.signal_stages():
+            with timed(timings, stage.name):
+                signals[stage.name], cache[stage.name] = run_sharded(stage, ing["shards"], work / stage.name,
+                                                                     executor, cfg.force, gpu=gpu and stage.runs_model)
     finally:
         executor.close()
-    state = {"config": asdict(cfg), "ingest": ing, "tokenize": tok, "probe": prb, "prefix": pre,
+    state = {"config": asdict(cfg), "ingest": ing, "tokenize": tok, "probe": prb, "signals": signals,
              "model": probe.identity()["model"], "modules": prb[0]["modules"] if prb else [],
              "timings": timings, "cache": cache}
     write_json(work / STATE, state)
-    return routed.write(state, cfg.route(), Path(cfg.out))
+    manifest = routed.write(state, cfg.route(), Path(cfg.out))
+    try_write_report(cfg.out)  # after the data and manifest are committed: a failure only warns
+    return manifest
 
 
 def reroute(work: str | Path, out: str | Path, route_cfg) -> dict:
@@ -150,5 +152,7 @@ def reroute(work: str | Path, out: str | Path, route_cfg) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no finished prism run in this work folder")
     check_state_paths(work, read_json(path))  # a crafted state.json must not make route read elsewhere
-    return routed.write(read_json(path), route_cfg, Path(out))
+    manifest = routed.write(read_json(path), route_cfg, Path(out))
+    try_write_report(out)
+    return manifest
 

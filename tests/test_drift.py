@@ -103,7 +103,7 @@ def test_counts_reconcile_and_quarantine(hashed):
     assert c["input"] == c["prompts"] + c["prompts_dropped"] + c["quarantined"] + c["duplicates"]
     assert c["sft"] == 10 == m["weights"]["rows"] and m["weights"]["mean_weight"] == pytest.approx(1.0)
     assert m["model"]["sha256"] and m["generation"]["engine"] == "hf" and m["rollout"]["turns"] == 3
-    assert sorted(p.name for p in hashed.iterdir()) == [".work", "manifest.json", "quarantine", "sft"]
+    assert sorted(p.name for p in hashed.iterdir()) == [".work", "manifest.json", "quarantine", "report.html", "sft"]
     for f in (hashed / "sft").iterdir():   # the column contract: schemas/drift.schema.json
         assert f.suffix == ".arrow" and read_arrow(f).schema == arrow_schema("drift")
 

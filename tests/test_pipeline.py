@@ -52,7 +52,7 @@ def test_prism_end_to_end(raw_dir, tmp_path, tiny_model_dir):
     c = manifest["counts"]
     assert c == {**c, "input": 12, "duplicates": 1, "quarantined": 2, "sft": 5, "rl": 4}
     assert c["input"] == c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"]
-    assert sorted(os.listdir(out)) == [".work", "manifest.json", "quarantine", "rl", "sft"]
+    assert sorted(os.listdir(out)) == [".work", "manifest.json", "quarantine", "report.html", "rl", "sft"]
     assert all(f.suffix == ".arrow" for p in ("sft", "rl") for f in (out / p).iterdir())
 
     quarantine = [json.loads(x) for x in (out / "quarantine" / "part-00000.jsonl").read_text().splitlines()]

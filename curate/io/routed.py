@@ -25,10 +25,17 @@ PARTITIONS = ("sft", "rl")
 
 
 def _shards(state: dict):
-    """(records, tokens, probe, prefix or None) paths of every work shard."""
-    prefix = state.get("prefix") or [None] * len(state["probe"])
-    for ing, tok, prb, pre in zip(state["ingest"]["shards"], state["tokenize"], state["probe"], prefix):
-        yield ing["path"], tok["path"], prb["path"], pre and pre["path"]
+    """(records, tokens, probe, [signal stage shards]) paths of every work shard."""
+    signals = list(state.get("signals", {}).values())
+    for i, (ing, tok, prb) in enumerate(zip(state["ingest"]["shards"], state["tokenize"], state["probe"])):
+        yield ing["path"], tok["path"], prb["path"], [s[i]["path"] for s in signals]
+
+
+def _signal_columns(paths: list[str]) -> pa.Table | None:
+    tables = [read_arrow(p) for p in paths]
+    if not tables:
+        return None
+    return pa.table({name: t.column(name) for t in tables for name in t.column_names})
 
 
 def corpus_scores(state: dict, cfg: route.RouteConfig) -> np.ndarray:
@@ -64,13 +71,13 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     # quarantine is streamed to its file (ingest's rows, then each shard's tokenize rows): never in memory
     with jsonl_writer(staging / "quarantine" / "part-00000.jsonl") as quarantine:
         quarantine.copy_lines(state["ingest"]["quarantine"])
-        for i, (ing, tok, prb, pre) in enumerate(_shards(state)):
+        for i, (ing, tok, prb, sig) in enumerate(_shards(state)):
             records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
             for row in _token_quarantine(records, tokens):
                 quarantine.write(row)
             truncated += pc.sum(tokens.column("truncated")).as_py() or 0
-            prefix = read_arrow(pre) if pre else None
-            rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg, prefix, prefix_rows)
+            rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg, _signal_columns(sig),
+                                     prefix_rows)
             for part in PARTITIONS:
                 subset = rows.filter(pc.equal(rows.column("route"), part))
                 if subset.num_rows:
@@ -123,6 +130,12 @@ def swap_into_place(new: Path, final: Path) -> None:
 def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def provenance(cfg, ingest: dict, cache: dict, timings: dict) -> dict:
+    """The manifest fields every job shares: what ran, on what, from cache or not, how long, with what."""
+    return {"config": asdict(cfg), "inputs": ingest["files"], "skipped_files": ingest.get("skipped", []),
+            "cache": cache, "timings_s": {k: round(v, 3) for k, v in timings.items()}, "versions": versions()}
 
 
 def versions() -> dict:

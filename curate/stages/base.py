@@ -15,6 +15,7 @@ class Stage:
     name: ClassVar[str]
     reads: ClassVar[tuple[str, ...]]
     writes: ClassVar[pa.Schema]
+    runs_model: ClassVar[bool] = False   # on CUDA jobs its shards go to workers with the GPU resource
 
     def __init__(self, config):
         self.config = config

@@ -53,9 +53,10 @@ def assign(values: np.ndarray, threshold: float, reverse: bool) -> np.ndarray:
 
 
 def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold: float,
-                config: RouteConfig, prefix: pa.Table | None = None, prefix_rows: str = "rl") -> pa.Table:
-    """Join one shard's columns, keep rows with gradient norms, add scores and the route. Prefix-RFT
-    columns are kept on the rows `prefix_rows` names (rl | all) and null elsewhere."""
+                config: RouteConfig, signals: pa.Table | None = None, prefix_rows: str = "rl") -> pa.Table:
+    """Join one shard's columns, keep rows with gradient norms, add scores and the route. Signal columns
+    (rm_score, Prefix-RFT) are joined; Prefix-RFT ones are kept on the rows `prefix_rows` names (rl | all)
+    and null elsewhere. A column no stage computed is null."""
     keep = pc.invert(pc.is_null(probe.column("grad_norms")))
     records, tokens, probe = records.filter(keep), tokens.filter(keep), probe.filter(keep)
     ids = records.column("id").to_pylist()
@@ -70,11 +71,13 @@ def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold:
     cols["route"] = assign(metrics[config.metric], threshold, config.reverse)
     cols["threshold"] = np.full(len(ids), threshold)
     target = schema.arrow_schema(schema.ROUTED)
-    if prefix is not None and prefix_rows != "none":
-        on = pa.array(cols["route"] == "rl") if prefix_rows == "rl" else pa.array(np.ones(len(ids), bool))
+    if signals is not None:
+        signals = signals.filter(keep)
+        cols.update({name: signals.column(name) for name in signals.column_names})
+    if prefix_rows == "rl" and "demo" in cols:
+        rl = pa.array(cols["route"] == "rl")
         for name in schema.PREFIX_COLUMNS:
-            col = prefix.filter(keep).column(name)
-            cols[name] = pc.if_else(on, col, pa.scalar(None, col.type))
+            cols[name] = pc.if_else(rl, cols[name], pa.scalar(None, cols[name].type))
     n = len(ids)
     return pa.table({name: cols[name] if name in cols else pa.nulls(n, target.field(name).type)
                      for name in target.names}).cast(target)

@@ -1,0 +1,154 @@
+"""Runs the irft job: ingest -> continuation (ỹ from the generator) -> pair_scores -> OUT/pairs/.
+
+IRFT (Li et al., NeurIPS 2024) contrasts each demonstration y with the policy's own reply ỹ through the
+implicit reward r = beta * log(pi(y|x) / pi_ref(y|x)); one stage is SPIN. The T stages of the method are
+T runs of this job: stage t generates ỹ for its chunk of the prompts with the checkpoint the user trained
+after stage t-1 (`--stage t --model CKPT`). Both per-shard stages are cached like the probe; beta and the
+identical-pair filter are applied when the pairs are written, so they cost nothing to change.
+
+Output follows routed/: Arrow stream shards built in OUT/.staging and swapped in, manifest last, plus
+OUT/stage_index.arrow (every record's stage) and OUT/quarantine/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import curate
+from curate import generation, models, schema
+from curate.config import IrftConfig
+from curate.executors import make_executor
+from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, write_arrow, write_json
+from curate.io.routed import provenance, swap_into_place
+from curate.pipeline import run_ingest, run_sharded, timed
+from curate.stages.continuation import Continuation
+from curate.stages.pair_scores import PairScores
+
+PAIRS = "pairs"
+
+
+def pair_rows(records: pa.Table, cont: pa.Table, scores: pa.Table, stage: int, beta: float,
+              generator: str) -> tuple[pa.Table, int]:
+    """One shard's DPO rows for `stage` (identical pairs dropped), and the number dropped."""
+    mine = pc.and_(pc.equal(cont.column("stage"), stage), pc.is_valid(cont.column("prompt")))
+    records, cont, scores = records.filter(mine), cont.filter(mine), scores.filter(mine)
+    different = pc.not_equal(cont.column("chosen_text"), cont.column("rejected_text"))
+    dropped = cont.num_rows - (pc.sum(different).as_py() or 0)
+    records, cont, scores = records.filter(different), cont.filter(different), scores.filter(different)
+    n = records.num_rows
+    logp = {c: scores.column(c).to_numpy() for c in ("chosen_logps", "rejected_logps", "ref_chosen_logps",
+                                                     "ref_rejected_logps")}
+    cols = {
+        **{c: records.column(c) for c in ("id", "source", "source_index")},
+        "prompt": cont.column("prompt"), "chosen": reply(cont.column("chosen_text")),
+        "rejected": reply(cont.column("rejected_text")), "stage": cont.column("stage"),
+        "generator": [generator] * n, **logp,
+        "implicit_reward_chosen": beta * (logp["chosen_logps"] - logp["ref_chosen_logps"]),
+        "implicit_reward_rejected": beta * (logp["rejected_logps"] - logp["ref_rejected_logps"]),
+        "logp_gap": logp["chosen_logps"] - logp["rejected_logps"],
+        **{c: scores.column(c) for c in ("rm_score_chosen", "rm_score_rejected", "chosen_len_tokens",
+                                          "rejected_len_tokens")},
+    }
+    target = schema.arrow_schema(PAIRS)
+    return pa.table({name: cols[name] for name in target.names}).cast(target), dropped
+
+
+def reply(texts: pa.ChunkedArray) -> list[list[dict]]:
+    return [[{"role": "assistant", "content": t}] for t in texts.to_pylist()]
+
+
+def win_rates(chosen: list[float], rejected: list[float]) -> dict | None:
+    """Share of pairs where the demonstration scores higher than the generation (ties apart)."""
+    if not chosen:
+        return None
+    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    return {"demo_wins": float(np.mean(c > r)), "ties": float(np.mean(c == r)), "pairs": len(c),
+            "mean_margin": float(np.mean(c - r))}
+
+
+def run_irft(cfg: IrftConfig) -> dict:
+    """The whole job; returns the manifest it wrote."""
+    work, out = cfg.work_dir, Path(cfg.out)
+    work.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(work)
+    cont_stage, score_stage = Continuation(cfg.continuation()), PairScores(cfg.pair_scores())
+    executor = make_executor(cfg.workers, cfg.scheduler)
+    timings, cache = {}, {}
+    gpu = models.resolve_device(cfg.device) == "cuda"
+    try:
+        with timed(timings, "ingest"):
+            ing, cache["ingest"] = run_ingest(cfg, work / "ingest")
+        with timed(timings, "continuation"):
+            cont, cache["continuation"] = run_sharded(cont_stage, ing["shards"], work / "continuation", executor,
+                                                      cfg.force, gpu=gpu)
+        with timed(timings, "pair_scores"):
+            scr, cache["pair_scores"] = run_sharded(score_stage, cont, work / "pair_scores", executor,
+                                                    cfg.force, gpu=gpu)
+    finally:
+        executor.close()
+    t = time.perf_counter()
+    generator = models.resolve(cfg.model).name
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    files, counts, stage_index = [], {"pairs": 0, "identical": 0, "other_stages": 0}, []
+    scores = {k: [] for k in ("implicit_reward_chosen", "implicit_reward_rejected", "rm_score_chosen",
+                              "rm_score_rejected")}
+    with jsonl_writer(staging / "quarantine" / "part-00000.jsonl") as quarantine:
+        quarantine.copy_lines(ing["quarantine"])
+        for i, (s_ing, s_cont, s_scr) in enumerate(zip(ing["shards"], cont, scr)):
+            records, c_tab = read_arrow(s_ing["path"]), read_arrow(s_cont["path"])
+            stage_index.append(pa.table({**{k: records.column(k) for k in ("id", "source", "source_index")},
+                                         "stage": c_tab.column("stage")}))
+            for rec, err in zip(records.to_pylist(), c_tab.column("pair_error").to_pylist()):
+                if err is not None:
+                    quarantine.write({"source": rec["source"], "source_index": rec["source_index"],
+                                      "stage": "continuation", "reason": err,
+                                      "raw": json.dumps({"messages": rec["messages"]}, ensure_ascii=False)[:65536]})
+            valid = c_tab.column("pair_error").null_count
+            rows, dropped = pair_rows(records, c_tab, read_arrow(s_scr["path"]), cfg.stage, cfg.beta, generator)
+            counts["identical"] += dropped
+            counts["other_stages"] += valid - rows.num_rows - dropped
+            if rows.num_rows:
+                name = f"{PAIRS}/part-{i:05d}.arrow"
+                write_arrow(staging / name, rows)
+                files.append(name)
+                counts["pairs"] += rows.num_rows
+                for k in scores:
+                    scores[k] += rows.column(k).to_pylist()
+    write_arrow(staging / "stage_index" / "part-00000.arrow",
+                pa.concat_tables(stage_index) if stage_index else pa.table({}))
+    for folder in (PAIRS, "quarantine", "stage_index"):
+        swap_into_place(staging / folder, out / folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    timings["pairs"] = time.perf_counter() - t
+
+    ic = ing["counts"]
+    counts = {"input": ic["input"], "duplicates": ic["duplicates"], "quarantined": quarantine.count, **counts}
+    if counts["input"] != sum(counts[k] for k in ("pairs", "identical", "other_stages", "quarantined",
+                                                  "duplicates")):
+        raise RuntimeError(f"counts do not reconcile, a record was lost: {counts}")
+    has_rm = cfg.reward_model is not None
+    manifest = {
+        "curate_version": curate.__version__,
+        "job": "irft",
+        "counts": counts,
+        "stage": {"index": cfg.stage, "of": cfg.stages, "beta": cfg.beta},
+        "win_rates": {
+            "implicit_reward": win_rates(scores["implicit_reward_chosen"], scores["implicit_reward_rejected"]),
+            "reward_model": win_rates(scores["rm_score_chosen"], scores["rm_score_rejected"]) if has_rm else None},
+        "generation": {**asdict(cfg.generation()), "engine": generation.resolve_engine(cfg.generation())},
+        "files": {PAIRS: files, "stage_index": ["stage_index/part-00000.arrow"]},
+        "model": models.identity(models.resolve(cfg.model)),
+        "ref_model": models.identity(models.resolve(cfg.ref_model or cfg.model)),
+        "reward_model": models.identity(models.resolve(cfg.reward_model)) if has_rm else None,
+        **provenance(cfg, ing, cache, timings),
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,53 @@
+"""Explicit reward-model scores: any local transformers AutoModelForSequenceClassification folder.
+
+A conversation is rendered with the reward model's own tokenizer and chat template (a reward model is
+trained on its own format, not the policy's), batched by length with right padding. The score is the
+model's single logit, read from the last real token of each row: we pass the attention mask and set the
+model's pad id, and a row never depends on its batch mates (the test checks it)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from curate import chat, models
+
+
+@lru_cache(maxsize=2)
+def load_reward_model(ref: models.ModelRef, device: str = "cpu"):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None)
+    if model.config.num_labels != 1:
+        raise models.ModelError(f"{ref.name}: a reward model has one output (num_labels=1), "
+                                f"this one has {model.config.num_labels}")
+    tok = models.load_tokenizer(ref)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval().requires_grad_(False), tok
+
+
+@torch.inference_mode()
+def score(spec: str, conversations: list[list[dict]], device: str = "auto",
+          batch_tokens: int = 8192) -> np.ndarray:
+    """One float score per conversation (float32 values)."""
+    from curate.stages.probe import token_batches
+
+    ref = models.resolve(spec)
+    dev = models.resolve_device(device)
+    model, tok = load_reward_model(ref, dev)
+    seqs = [tok(chat.render(tok, c), add_special_tokens=False)["input_ids"] for c in conversations]
+    out = np.zeros(len(seqs), dtype=np.float32)
+    for batch in token_batches([len(s) for s in seqs], batch_tokens):
+        t = max(len(seqs[b]) for b in batch)
+        ids = torch.full((len(batch), t), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros(len(batch), t, dtype=torch.long)
+        for row, b in enumerate(batch):
+            ids[row, :len(seqs[b])] = torch.tensor(seqs[b])
+            attention[row, :len(seqs[b])] = 1
+        logits = model(input_ids=ids.to(dev), attention_mask=attention.to(dev)).logits
+        out[batch] = logits[:, 0].float().cpu().numpy()
+    return out

@@ -1,0 +1,75 @@
+"""Stage `continuation`: IRFT/SPIN's self-generated reply ỹ for each demonstration of one stage.
+
+A demonstration's pair is built on its last assistant turn: the prompt is every message before it (for
+a multi-turn chat, the whole history) and y is that turn's text. Records go to one of `stages` chunks
+by a hash of their id, so the split does not depend on the order or size of the corpus, and only the
+chunk of the stage being built is generated. Each record samples with its own seed (base seed, id):
+its continuation does not depend on its shard or batch mates."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from curate import generation, schema
+from curate.io.atomic import stable_hash
+from curate.stages.base import Stage
+
+
+@dataclass
+class ContinuationConfig:
+    generation: generation.GenerationConfig = field(default_factory=generation.GenerationConfig)
+    stages: int = 1          # T: the prompts are split into T chunks, one per IRFT stage
+    stage: int = 0           # t: the chunk generated now (from the model trained after stage t-1)
+
+    def __post_init__(self):
+        if self.stages < 1 or not 0 <= self.stage < self.stages:
+            raise ValueError(f"need stages >= 1 and 0 <= stage < stages, got stages={self.stages} stage={self.stage}")
+
+
+def stage_of(record_id: str, stages: int) -> int:
+    return int(stable_hash(["irft-stage", record_id])[:15], 16) % stages
+
+
+def demonstration(messages: list[dict]) -> tuple[list[dict], str] | None:
+    """(prompt, y): the messages before the last assistant turn, and that turn's text."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        return None
+    return messages[:last], messages[last]["content"]
+
+
+class Continuation(Stage):
+    name = "continuation"
+    runs_model = True
+    reads = ("id", "messages")
+    writes = pa.schema([("stage", pa.int32()), ("prompt", schema.MESSAGES), ("chosen_text", pa.string()),
+                        ("rejected_text", pa.string()), ("pair_error", pa.string())])
+
+    def identity(self) -> dict:
+        c = self.config
+        return {"stage": self.name, "generation": generation.identity(c.generation), "stages": c.stages,
+                "chunk": c.stage}
+
+    def describe(self) -> dict:
+        return {"generation": asdict(self.config.generation)}
+
+    def run(self, shard: pa.Table) -> pa.Table:
+        c = self.config
+        ids = shard.column("id").to_pylist()
+        rows = {k: [None] * len(ids) for k in self.writes.names}
+        todo = []
+        for i, (rid, messages) in enumerate(zip(ids, shard.column("messages").to_pylist())):
+            rows["stage"][i] = stage_of(rid, c.stages)
+            demo = demonstration(messages)
+            if demo is None:
+                rows["pair_error"][i] = "no assistant turn after a prompt"
+            elif rows["stage"][i] == c.stage:
+                rows["prompt"][i], rows["chosen_text"][i] = demo
+                todo.append(i)
+        seeds = [generation.row_seed(c.generation.seed, ids[i]) for i in todo]
+        replies = generation.generate([rows["prompt"][i] for i in todo], c.generation, n=1, seeds=seeds)
+        for i, (reply,) in zip(todo, replies):
+            rows["rejected_text"][i] = reply
+        return self.check(shard, pa.table(rows, schema=self.writes))

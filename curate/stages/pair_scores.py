@@ -1,0 +1,76 @@
+"""Stage `pair_scores`: log-probs of y and ỹ under the policy and the reference, and reward-model scores.
+
+Sums are over the reply tokens as TRL's DPOTrainer tokenises them (curate.logprobs), in batched forward
+passes. When the reference is the policy (the default: the stage-start model, as in the IRFT authors'
+code) it is computed once. beta is applied when the pairs are written, so a new beta costs no forward
+pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from curate import logprobs, models, rewards
+from curate.stages.base import Stage
+
+LOGP_COLUMNS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+
+
+@dataclass
+class PairScoresConfig:
+    model: str | None = None          # π: the generator, whose log-probs make the implicit reward
+    ref_model: str | None = None      # π_ref; None: the same model as π
+    reward_model: str | None = None   # an AutoModelForSequenceClassification folder, optional
+    device: str = "auto"
+    batch_tokens: int = 8192
+
+
+def _identity(spec: str | None) -> dict:
+    return models.identity(models.resolve(spec))
+
+
+class PairScores(Stage):
+    name = "pair_scores"
+    runs_model = True
+    reads = ("prompt", "chosen_text", "rejected_text")
+    writes = pa.schema([*[(c, pa.float64()) for c in LOGP_COLUMNS],
+                        ("rm_score_chosen", pa.float32()), ("rm_score_rejected", pa.float32()),
+                        ("chosen_len_tokens", pa.int32()), ("rejected_len_tokens", pa.int32())])
+
+    def identity(self) -> dict:
+        c = self.config
+        return {"stage": self.name, "model": _identity(c.model), "ref_model": _identity(c.ref_model or c.model),
+                "reward_model": _identity(c.reward_model) if c.reward_model else None}
+
+    def run(self, shard: pa.Table) -> pa.Table:
+        c = self.config
+        device = models.resolve_device(c.device)
+        prompts = shard.column("prompt").to_pylist()
+        todo = [i for i, p in enumerate(prompts) if p is not None]
+        chosen, rejected = (shard.column(k).to_pylist() for k in ("chosen_text", "rejected_text"))
+        n = shard.num_rows
+        cols = {name: np.full(n, np.nan) for name in LOGP_COLUMNS + ("rm_score_chosen", "rm_score_rejected")}
+        lens = {"chosen_len_tokens": [None] * n, "rejected_len_tokens": [None] * n}
+        if todo:
+            policy = models.resolve(c.model)
+            tok = models.load_tokenizer(policy)
+            for side, texts in (("chosen", chosen), ("rejected", rejected)):
+                pairs = [logprobs.split_ids(tok, prompts[i], texts[i]) for i in todo]
+                for i, (_, reply) in zip(todo, pairs):
+                    lens[f"{side}_len_tokens"][i] = len(reply)
+                logp = logprobs.sequence_logps(models.load_model(policy, device), pairs, c.batch_tokens, device)
+                cols[f"{side}_logps"][todo] = logp
+                if c.ref_model and models.resolve(c.ref_model) != policy:
+                    ref = models.resolve(c.ref_model)
+                    if models.load_tokenizer(ref).get_vocab() != tok.get_vocab():
+                        raise models.ModelError(f"{c.ref_model}: the reference must share the policy's tokenizer")
+                    logp = logprobs.sequence_logps(models.load_model(ref, device), pairs, c.batch_tokens, device)
+                cols[f"ref_{side}_logps"][todo] = logp
+                if c.reward_model:
+                    convs = [[*prompts[i], {"role": "assistant", "content": texts[i]}] for i in todo]
+                    cols[f"rm_score_{side}"][todo] = rewards.score(c.reward_model, convs, c.device, c.batch_tokens)
+        out = {k: pa.array(v, mask=np.isnan(v)) for k, v in cols.items()}
+        out.update({k: pa.array(v, pa.int32()) for k, v in lens.items()})
+        return self.check(shard, pa.table(out))
