@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-scale clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ BENCH_ARGS ?=
 bench: setup
 	@$(PY) -c "import opacus" 2>/dev/null || $(PY) -m pip install -q "opacus>=1.5"
 	$(PY) benchmarks/probe_bench.py $(BENCH_ARGS)
+
+# ingest + route records/s and peak RSS on 20k and 200k synthetic records (JSON on stdout)
+bench-scale: setup
+	$(PY) benchmarks/scale_bench.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -39,6 +39,8 @@ class ShardTask:
 def run_task(task: ShardTask) -> dict:
     """Run one stage on one shard and commit it: data file first, then its done marker."""
     shard = read_arrow(task.source, list(task.stage.reads))
+    # the file is about to change: its old marker (another config's) must not outlive it if we are killed
+    _marker(task.target).unlink(missing_ok=True)
     sha = write_arrow(task.target, task.stage.run(shard))
     done = {"key": task.key, "path": task.target, "sha256": sha, "rows": shard.num_rows,
             **task.stage.describe()}
@@ -88,6 +90,7 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
     if not cfg.force and marker.exists() and read_json(marker)["key"] == key:
         return read_json(marker), {"computed": 0, "cached": 1}
     shards = []
+    marker.unlink(missing_ok=True)  # shards are about to be rewritten: no marker may vouch for them meanwhile
 
     def write_shard(i: int, table: pa.Table) -> None:
         path = folder / f"part-{i:05d}.arrow"

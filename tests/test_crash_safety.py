@@ -110,6 +110,38 @@ def test_sigkill_at_commit_points_then_rerun_is_identical(corpus, reference, tin
     shutil.rmtree(out)
 
 
+def test_kill_during_a_changed_config_run_then_the_old_config(corpus, reference, tiny_model_dir):
+    """Shard files are overwritten in place by a run with another config; a kill between a new data file
+    and its marker must not leave the old marker vouching for the new file."""
+    out = reference["base"] / "out"
+    args = prism_args(corpus, out, tiny_model_dir)
+    assert main(args) == 0
+    changed = [*args, "--max-length", "80"]  # the later flag wins: new tokenize and probe keys
+    assert killed_run(changed, "*/probe/part-*.arrow", 2, "after") == -signal.SIGKILL
+    assert main(args) == 0
+    assert_complete_and_identical(out, reference)
+    shutil.rmtree(out)
+
+
+def test_rerun_recomputes_only_changed_stages_and_force_recomputes_all(corpus, reference, tiny_model_dir):
+    out = reference["base"] / "out"
+    args = prism_args(corpus, out, tiny_model_dir)
+    assert main(args) == 0
+
+    def computed(*extra) -> dict:
+        assert main([*args, *extra]) == 0
+        cache = json.loads((out / "manifest.json").read_text())["cache"]
+        return {stage: c["computed"] for stage, c in cache.items() if stage in ("ingest", "tokenize", "probe")}
+
+    assert computed("--metric", "cv") == {"ingest": 0, "tokenize": 0, "probe": 0}  # routing only
+    assert computed("--modules", "q_proj", "down_proj") == {"ingest": 0, "tokenize": 0, "probe": 8}
+    assert computed("--max-length", "80") == {"ingest": 0, "tokenize": 8, "probe": 8}
+    assert computed("--force") == {"ingest": 1, "tokenize": 8, "probe": 8}
+    assert computed() == {"ingest": 0, "tokenize": 0, "probe": 0}
+    assert_complete_and_identical(out, reference)
+    shutil.rmtree(out)
+
+
 def test_sigkill_from_outside_during_probe(corpus, reference, tiny_model_dir):
     out = reference["base"] / "out"
     args = prism_args(corpus, out, tiny_model_dir)
