@@ -141,17 +141,21 @@ def canonical_json(n: Normalized) -> str:
     separators=(",", ":"))`, assembled from json's own C string encoder: the same text, several times
     faster on the ingest hot path. Anything but {role, content} messages and a finite float reward
     takes the json.dumps route (the property tests check both agree)."""
-    simple = all(len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str
-                 for m in n.messages)
-    if not simple or not (n.ground_truth is None or type(n.ground_truth) is str) or not (
-            n.reward is None or (type(n.reward) is float and math.isfinite(n.reward))):
+    enc, parts = _encode_str, []
+    simple = (n.ground_truth is None or type(n.ground_truth) is str) and (
+        n.reward is None or (type(n.reward) is float and math.isfinite(n.reward)))
+    for m in n.messages if simple else ():
+        role, content = m.get("role"), m.get("content")
+        if len(m) != 2 or type(role) is not str or type(content) is not str:
+            simple = False
+            break
+        parts.append(f'{{"content":{enc(content)},"role":{enc(role)}}}')
+    if not simple:
         return json.dumps({"messages": n.messages, "ground_truth": n.ground_truth, "reward": n.reward},
                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    enc = _encode_str
     truth = "null" if n.ground_truth is None else enc(n.ground_truth)
     reward = "null" if n.reward is None else float.__repr__(n.reward)
-    messages = ",".join(f'{{"content":{enc(m["content"])},"role":{enc(m["role"])}}}' for m in n.messages)
-    return f'{{"ground_truth":{truth},"messages":[{messages}],"reward":{reward}}}'
+    return f'{{"ground_truth":{truth},"messages":[{",".join(parts)}],"reward":{reward}}}'
 
 
 def _attempt(raw: dict, fmt: str) -> Normalized | BadRecord:
