@@ -91,10 +91,11 @@ def test_inside(tmp_path):
         inside(tmp_path / "out", "link/secret")
 
 
-def test_manifest_paths_stay_inside_and_a_crafted_state_is_refused(tmp_path, tiny_model_dir):
+def test_manifest_paths_stay_inside_and_a_crafted_state_is_refused(tmp_path, tiny_model_dir, monkeypatch):
     raw = tmp_path / "in.jsonl"
     raw.write_text("\n".join(DEMO.read_text().splitlines()[:6]) + "\n")
-    out = tmp_path / "routed"
+    monkeypatch.chdir(tmp_path)  # a relative --out: state.json then holds paths relative to this folder
+    out = Path("routed")
     assert main(["prism", "--input", str(raw), "--out", str(out), "--model", tiny_model_dir,
                  "--max-length", "64", "--shard-size", "3"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -103,8 +104,11 @@ def test_manifest_paths_stay_inside_and_a_crafted_state_is_refused(tmp_path, tin
     state = json.loads((out / ".work" / STATE).read_text())
     check_state_paths(out / ".work", state)  # the real state passes
 
-    state["probe"][0]["path"] = str(tmp_path / "in.jsonl")  # points a reader outside the work folder
-    (out / ".work" / STATE).write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="escapes"):
-        reroute(out / ".work", tmp_path / "again", RouteConfig())
-    assert main(["route", "--work", str(out / ".work"), "--out", str(tmp_path / "again")]) == 2
+    assert main(["route", "--work", str(out / ".work"), "--out", "again"]) == 0
+
+    for crafted in (str(tmp_path / "in.jsonl"), "routed/.work/../../in.jsonl", "in.jsonl"):
+        state["probe"][0]["path"] = crafted  # points a reader outside the work folder
+        (out / ".work" / STATE).write_text(json.dumps(state))
+        with pytest.raises(ValueError, match="escapes"):
+            reroute(out / ".work", tmp_path / "again", RouteConfig())
+        assert main(["route", "--work", str(out / ".work"), "--out", "again"]) == 2

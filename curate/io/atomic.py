@@ -116,15 +116,16 @@ def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 def check_state_paths(root: str | os.PathLike, state: dict) -> None:
     """Every data file a pipeline state file names (stage results' "path"; ingest's "shards" and
-    "quarantine") lies inside `root`, the work folder; input files (ingest "files") are not checked."""
+    "quarantine") lies inside `root`, the work folder; input files (ingest "files") are not checked.
+    Relative paths are taken as the readers take them: from the current directory."""
     for key, value in state.items():
         entries = value.get("shards", []) if isinstance(value, dict) else value
         if isinstance(value, dict) and isinstance(value.get("quarantine"), str):
-            inside(root, value["quarantine"])
+            inside(root, Path(value["quarantine"]).absolute())
         if key != "config" and isinstance(entries, list):
             for entry in entries:
                 if isinstance(entry, dict) and "path" in entry:
-                    inside(root, entry["path"])
+                    inside(root, Path(entry["path"]).absolute())
 
 
 def clean_stale_temps(folder: str | os.PathLike) -> int:
