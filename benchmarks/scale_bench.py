@@ -20,7 +20,7 @@ Libraries a real run has loaded by route time (torch, transformers, datasets: th
 the manifest) are imported before the baseline. records/s = N / (ingest_s + route_s). peak_rss_mb is the process's high-water mark (ru_maxrss), measured
 after the run; baseline_rss_mb is the same process after imports, before any work. The memory claim is
 that peak - baseline does not grow with N: both phases hold one shard (plus ingest's set of seen ids,
-about 100 bytes per unique record)."""
+about 140 bytes per unique record)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 This is the stage that makes the shards, so it runs over the whole input rather than one shard: it
 streams records, drops exact duplicates (same content id, first one kept) and quarantines bad records
 with their file, line and reason. Nothing is held beyond one shard, except the set of ids seen (for
-deduplication: about 100 bytes per unique record).
+deduplication: about 140 bytes per unique record).
 
 A file that cannot be read raises `readers.UnreadableFile` naming it; with `skip_bad_files` it is
 listed in `IngestResult.skipped` instead (records read before a mid-file error stay counted)."""
