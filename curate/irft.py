@@ -28,6 +28,7 @@ from curate.executors import make_executor
 from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, write_arrow, write_json
 from curate.io.routed import provenance, swap_into_place
 from curate.pipeline import run_ingest, run_sharded, timed
+from curate.report import try_write_report
 from curate.stages.continuation import Continuation
 from curate.stages.pair_scores import PairScores
 
@@ -151,4 +152,5 @@ def run_irft(cfg: IrftConfig) -> dict:
         **provenance(cfg, ing, cache, timings),
     }
     write_json(out / "manifest.json", manifest)
+    try_write_report(out)  # after the data and manifest are committed: a failure only warns
     return manifest

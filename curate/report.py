@@ -26,8 +26,8 @@ from curate.io.atomic import TMP_SUFFIX, atomic_path, read_arrow, read_json
 from curate.report_plots import grouped_bars, norm_heatmaps, score_histograms, value_histograms
 
 REPORT = "report.html"
-PARTITIONS = ("sft", "rl")
-SIGNALS = ("weight", "return", "reward", "rm_score")  # plus any implicit_reward* column
+PARTITIONS = ("sft", "rl", "pairs")   # pairs: `curate irft`
+SIGNALS = ("weight", "return", "reward", "rm_score", "logp_gap")  # plus implicit_reward*, rm_score_*
 TOP = 25  # rows shown per bar chart / table before the rest is summed into "other"
 
 
@@ -63,7 +63,7 @@ class Summary:
 
 
 def _is_signal(name: str) -> bool:
-    return name in SIGNALS or name.startswith("implicit_reward")
+    return name in SIGNALS or name.startswith(("implicit_reward", "rm_score_"))
 
 
 def _stream_schema(path: Path) -> pa.Schema:

@@ -148,6 +148,8 @@ def test_irft_stages_pairs_and_implicit_rewards(tmp_path, shared_data, tiny_mode
     wins = np.mean([r["implicit_reward_chosen"] > r["implicit_reward_rejected"] for r in rows])
     assert m["win_rates"]["implicit_reward"]["demo_wins"] == pytest.approx(wins)
     assert m["win_rates"]["reward_model"]["pairs"] == len(rows)
+    page = (out / "report.html").read_text()
+    assert all(f'id="fig-{c}"' in page for c in ("implicit_reward_chosen", "rm_score_rejected", "logp_gap"))
 
     before = {p: p.read_bytes() for p in sorted(out.rglob("*.arrow")) if ".work" not in p.parts}
     assert irft(raw, out, tiny_model_dir, "--ref-model", ref_model_dir, "--reward-model", rm_dir,
