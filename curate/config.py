@@ -50,7 +50,7 @@ class Sampling:
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.model, self.engine, self.device, self.temperature, self.top_p,
-                                self.max_new_tokens, self.seed, self.batch_tokens)
+                                self.max_new_tokens, self.seed, self.batch_tokens, self.trust_remote_code)
 
 
 @dataclass
@@ -90,16 +90,18 @@ class PrismConfig(RunOptions):
 
     def signal_stages(self) -> list:
         """Optional per-record signal stages whose columns route joins: Prefix-RFT and reward model."""
-        stages = [] if self.prefix == "none" else [Prefix(PrefixConfig(self.prefix_tokenizer or self.model))]
+        stages = [] if self.prefix == "none" else [Prefix(PrefixConfig(self.prefix_tokenizer or self.model,
+                                                                                  self.trust_remote_code))]
         if self.reward_model:
-            stages.append(Reward(RewardConfig(self.reward_model, self.device, self.batch_tokens)))
+            stages.append(Reward(RewardConfig(self.reward_model, self.device, self.batch_tokens, self.trust_remote_code)))
         return stages
 
     def tokenize(self) -> TokenizeConfig:
-        return TokenizeConfig(self.model, self.max_length)
+        return TokenizeConfig(self.model, self.max_length, self.trust_remote_code)
 
     def probe(self) -> ProbeConfig:
-        return ProbeConfig(self.model, self.device, self.dtype, self.batch_tokens, tuple(self.modules))
+        return ProbeConfig(self.model, self.device, self.dtype, self.batch_tokens, tuple(self.modules),
+                           self.trust_remote_code)
 
     def route(self) -> RouteConfig:
         return RouteConfig(self.metric, self.quantile, self.threshold, self.reverse, self.seed)
@@ -177,7 +179,8 @@ class IrftConfig(RunOptions, Sampling):
         return ContinuationConfig(self.generation(), self.stages, self.stage)
 
     def pair_scores(self) -> PairScoresConfig:
-        return PairScoresConfig(self.model, self.ref_model, self.reward_model, self.device, self.batch_tokens)
+        return PairScoresConfig(self.model, self.ref_model, self.reward_model, self.device, self.batch_tokens,
+                                self.trust_remote_code)
 
 
 JOBS = {"prism": PrismConfig, "drift": DriftConfig, "irft": IrftConfig}

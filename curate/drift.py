@@ -128,7 +128,7 @@ def run_drift(cfg: DriftConfig) -> dict:
         "rollout": {k: v for k, v in asdict(stage.config).items() if k != "generation"},
         "generation": None if recorded else {**asdict(gen), "engine": generation.resolve_engine(gen)},
         "files": {"sft": files},
-        "model": None if recorded else models.identity(models.resolve(cfg.model)),
+        "model": None if recorded else models.identity(models.resolve(cfg.model, cfg.trust_remote_code)),
         **provenance(cfg, ing, cache, timings),
     }
     write_json(out / "manifest.json", manifest)

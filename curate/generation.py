@@ -35,6 +35,7 @@ class GenerationConfig:
     max_new_tokens: int = 512
     seed: int = 0
     batch_tokens: int = 32768       # hf: rows x (longest prompt + max_new_tokens) per generate call
+    trust_remote_code: bool = False # let the model folder run its own code (--trust-remote-code)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -55,9 +56,9 @@ def resolve_engine(cfg: GenerationConfig) -> str:
 def identity(cfg: GenerationConfig) -> dict:
     """What changes the samples: the cache key of anything built on them. The token budget is left out
     because per-row generators make batching irrelevant (up to float rounding)."""
-    c = {k: v for k, v in vars(cfg).items() if k not in ("model", "engine", "device", "batch_tokens")}
+    c = {k: v for k, v in vars(cfg).items() if k not in ("model", "engine", "device", "batch_tokens", "trust_remote_code")}
     return {**c, "engine": resolve_engine(cfg), "device": models.resolve_device(cfg.device),
-            "model": models.identity(models.resolve(cfg.model))}
+            "model": models.identity(models.resolve(cfg.model, cfg.trust_remote_code))}
 
 
 def row_seed(*parts) -> int:
@@ -69,7 +70,7 @@ def generate(conversations: list[list[dict]], cfg: GenerationConfig, n: int = 1,
              seeds: list[int] | None = None) -> list[list[str]]:
     """n sampled replies (assistant text) for each conversation. `seeds` gives each conversation a
     base seed (sample j uses row_seed(base, j)); by default it is derived from cfg.seed and the text."""
-    ref = models.resolve(cfg.model)
+    ref = models.resolve(cfg.model, cfg.trust_remote_code)
     tok = models.load_tokenizer(ref)
     texts = [chat.render(tok, c, generation_prompt=True) for c in conversations]
     if seeds is None:
@@ -179,7 +180,7 @@ def _vllm_engine(ref: models.ModelRef):
         folder = tempfile.mkdtemp(prefix="curate-tok-")
         models.load_tokenizer(ref).save_pretrained(folder)
         return LLM(model=f"{ref.folder}/{ref.gguf_file}", tokenizer=folder, seed=0)
-    return LLM(model=ref.folder, seed=0)
+    return LLM(model=ref.folder, seed=0, trust_remote_code=ref.trust_remote_code)
 
 
 def _generate_vllm(ref: models.ModelRef, ids: list[list[int]], seeds: list[int], cfg: GenerationConfig) -> list[str]:

@@ -95,7 +95,7 @@ def run_irft(cfg: IrftConfig) -> dict:
     finally:
         executor.close()
     t = time.perf_counter()
-    generator = models.resolve(cfg.model).name
+    generator = models.resolve(cfg.model, cfg.trust_remote_code).name
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     files, counts, stage_index = [], {"pairs": 0, "identical": 0, "other_stages": 0}, []
@@ -146,9 +146,9 @@ def run_irft(cfg: IrftConfig) -> dict:
             "reward_model": win_rates(scores["rm_score_chosen"], scores["rm_score_rejected"]) if has_rm else None},
         "generation": {**asdict(cfg.generation()), "engine": generation.resolve_engine(cfg.generation())},
         "files": {PAIRS: files, "stage_index": ["stage_index/part-00000.arrow"]},
-        "model": models.identity(models.resolve(cfg.model)),
-        "ref_model": models.identity(models.resolve(cfg.ref_model or cfg.model)),
-        "reward_model": models.identity(models.resolve(cfg.reward_model)) if has_rm else None,
+        "model": models.identity_of(cfg.model, cfg.trust_remote_code),
+        "ref_model": models.identity_of(cfg.ref_model or cfg.model, cfg.trust_remote_code),
+        "reward_model": models.identity_of(cfg.reward_model, cfg.trust_remote_code) if has_rm else None,
         **provenance(cfg, ing, cache, timings),
     }
     write_json(out / "manifest.json", manifest)

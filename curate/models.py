@@ -89,6 +89,10 @@ def weights_hash(ref: ModelRef) -> str:
     return h.hexdigest()
 
 
+def identity_of(spec: str | None, trust_remote_code: bool = False) -> dict:
+    return identity(resolve(spec, trust_remote_code))
+
+
 def identity(ref: ModelRef) -> dict:
     return {"name": ref.name, "file": ref.gguf_file, "sha256": weights_hash(ref)}
 

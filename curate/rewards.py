@@ -20,7 +20,8 @@ def load_reward_model(ref: models.ModelRef, device: str = "cpu"):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None)
+        ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None,
+        trust_remote_code=ref.trust_remote_code)
     if model.config.num_labels != 1:
         raise models.ModelError(f"{ref.name}: a reward model has one output (num_labels=1), "
                                 f"this one has {model.config.num_labels}")
@@ -32,11 +33,11 @@ def load_reward_model(ref: models.ModelRef, device: str = "cpu"):
 
 @torch.inference_mode()
 def score(spec: str, conversations: list[list[dict]], device: str = "auto",
-          batch_tokens: int = 8192) -> np.ndarray:
+          batch_tokens: int = 8192, trust_remote_code: bool = False) -> np.ndarray:
     """One float score per conversation (float32 values)."""
     from curate.stages.probe import token_batches
 
-    ref = models.resolve(spec)
+    ref = models.resolve(spec, trust_remote_code)
     dev = models.resolve_device(device)
     model, tok = load_reward_model(ref, dev)
     seqs = [tok(chat.render(tok, c), add_special_tokens=False)["input_ids"] for c in conversations]

@@ -112,3 +112,27 @@ def test_manifest_paths_stay_inside_and_a_crafted_state_is_refused(tmp_path, tin
         with pytest.raises(ValueError, match="escapes"):
             reroute(out / ".work", tmp_path / "again", RouteConfig())
         assert main(["route", "--work", str(out / ".work"), "--out", "again"]) == 2
+
+
+def test_remote_code_runs_only_with_the_flag(model_copy, tmp_path, monkeypatch):
+    """A folder whose config maps to its own modelling code: refused by default (exit 2), and with
+    --trust-remote-code the whole job runs through that code."""
+    mark = tmp_path / "custom-code-ran"
+    monkeypatch.setenv("CURATE_TEST_MARK", str(mark))
+    (model_copy / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n")
+    (model_copy / "modeling_custom.py").write_text(
+        "import os, pathlib\nfrom transformers import LlamaForCausalLM\nfrom .configuration_custom import CustomConfig\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n\n"
+        "    def __init__(self, config):\n        super().__init__(config)\n"
+        "        pathlib.Path(os.environ['CURATE_TEST_MARK']).write_text('ran')\n")
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg.update(model_type="custom_llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                    "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    args = ["prism", "--input", str(DEMO), "--limit", "2", "--max-length", "128", "--model", str(model_copy)]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2 and not mark.exists()
+    assert main([*args, "--out", str(tmp_path / "trusted"), "--trust-remote-code"]) == 0
+    assert mark.read_text() == "ran"
+    manifest = json.loads((tmp_path / "trusted" / "manifest.json").read_text())
+    assert manifest["counts"]["sft"] + manifest["counts"]["rl"] == 2

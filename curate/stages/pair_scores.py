@@ -25,10 +25,7 @@ class PairScoresConfig:
     reward_model: str | None = None   # an AutoModelForSequenceClassification folder, optional
     device: str = "auto"
     batch_tokens: int = 8192
-
-
-def _identity(spec: str | None) -> dict:
-    return models.identity(models.resolve(spec))
+    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
 
 
 class PairScores(Stage):
@@ -40,9 +37,10 @@ class PairScores(Stage):
                         ("chosen_len_tokens", pa.int32()), ("rejected_len_tokens", pa.int32())])
 
     def identity(self) -> dict:
-        c = self.config
-        return {"stage": self.name, "model": _identity(c.model), "ref_model": _identity(c.ref_model or c.model),
-                "reward_model": _identity(c.reward_model) if c.reward_model else None}
+        c, t = self.config, self.config.trust_remote_code
+        return {"stage": self.name, "model": models.identity_of(c.model, t),
+                "ref_model": models.identity_of(c.ref_model or c.model, t),
+                "reward_model": models.identity_of(c.reward_model, t) if c.reward_model else None}
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config
@@ -54,7 +52,7 @@ class PairScores(Stage):
         cols = {name: np.full(n, np.nan) for name in LOGP_COLUMNS + ("rm_score_chosen", "rm_score_rejected")}
         lens = {"chosen_len_tokens": [None] * n, "rejected_len_tokens": [None] * n}
         if todo:
-            policy = models.resolve(c.model)
+            policy = models.resolve(c.model, c.trust_remote_code)
             tok = models.load_tokenizer(policy)
             for side, texts in (("chosen", chosen), ("rejected", rejected)):
                 pairs = [logprobs.split_ids(tok, prompts[i], texts[i]) for i in todo]
@@ -62,15 +60,16 @@ class PairScores(Stage):
                     lens[f"{side}_len_tokens"][i] = len(reply)
                 logp = logprobs.sequence_logps(models.load_model(policy, device), pairs, c.batch_tokens, device)
                 cols[f"{side}_logps"][todo] = logp
-                if c.ref_model and models.resolve(c.ref_model) != policy:
-                    ref = models.resolve(c.ref_model)
+                if c.ref_model and models.resolve(c.ref_model, c.trust_remote_code) != policy:
+                    ref = models.resolve(c.ref_model, c.trust_remote_code)
                     if models.load_tokenizer(ref).get_vocab() != tok.get_vocab():
                         raise models.ModelError(f"{c.ref_model}: the reference must share the policy's tokenizer")
                     logp = logprobs.sequence_logps(models.load_model(ref, device), pairs, c.batch_tokens, device)
                 cols[f"ref_{side}_logps"][todo] = logp
                 if c.reward_model:
                     convs = [[*prompts[i], {"role": "assistant", "content": texts[i]}] for i in todo]
-                    cols[f"rm_score_{side}"][todo] = rewards.score(c.reward_model, convs, c.device, c.batch_tokens)
+                    cols[f"rm_score_{side}"][todo] = rewards.score(c.reward_model, convs, c.device, c.batch_tokens,
+                                                                     c.trust_remote_code)
         out = {k: pa.array(v, mask=np.isnan(v)) for k, v in cols.items()}
         out.update({k: pa.array(v, pa.int32()) for k, v in lens.items()})
         return self.check(shard, pa.table(out))

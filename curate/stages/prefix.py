@@ -31,6 +31,7 @@ PREFIX_MODES = ("rl", "all", "none")   # which routed rows carry the annotations
 @dataclass
 class PrefixConfig:
     tokenizer: str | None = None      # whose tokens L counts (default: the probe model's)
+    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,10 @@ class Prefix(Stage):
                         ("cut_points", pa.list_(pa.int32()))])
 
     def identity(self) -> dict:
-        return {**super().identity(), "tokenizer": models.identity(models.resolve(self.config.tokenizer))}
+        return {**super().identity(), "tokenizer": models.identity(models.resolve(self.config.tokenizer, self.config.trust_remote_code))}
 
     def run(self, shard: pa.Table) -> pa.Table:
-        tok = models.load_tokenizer(models.resolve(self.config.tokenizer))
+        tok = models.load_tokenizer(models.resolve(self.config.tokenizer, self.config.trust_remote_code))
         rows = {k: [] for k in self.writes.names}
         for messages in shard.column("messages").to_pylist():
             try:

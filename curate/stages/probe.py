@@ -28,6 +28,7 @@ class ProbeConfig:
     dtype: str = "auto"                        # auto: fp32 (see resolved_dtype)
     batch_tokens: int = 4096                   # padded tokens per forward/backward (~1.7 MB each for SmolLM2)
     modules: tuple[str, ...] = gradients.DEFAULT_MODULES
+    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
 
 
 def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -60,18 +61,18 @@ class Probe(Stage):
     def identity(self) -> dict:
         c = self.config
         device = models.resolve_device(c.device)
-        return {"stage": self.name, "model": models.identity(models.resolve(c.model)),
+        return {"stage": self.name, "model": models.identity(models.resolve(c.model, c.trust_remote_code)),
                 "dtype": resolved_dtype(c.dtype, device), "modules": list(c.modules)}
 
     def describe(self) -> dict:
         """The grad_norms order: module names, layer by layer."""
-        model = models.load_model(models.resolve(self.config.model), models.resolve_device(self.config.device))
+        model = models.load_model(models.resolve(self.config.model, self.config.trust_remote_code), models.resolve_device(self.config.device))
         return {"modules": [n for n, _ in gradients.probed_modules(model, tuple(self.config.modules))]}
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config
         device = models.resolve_device(c.device)
-        model = models.load_model(models.resolve(c.model), device)
+        model = models.load_model(models.resolve(c.model, c.trust_remote_code), device)
         modules = gradients.probed_modules(model, tuple(c.modules))
         autocast = DTYPES[resolved_dtype(c.dtype, device)]
         ids = shard.column("input_ids").to_pylist()

@@ -18,6 +18,7 @@ class RewardConfig:
     reward_model: str                 # an AutoModelForSequenceClassification folder
     device: str = "auto"
     batch_tokens: int = 8192
+    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
 
 
 class Reward(Stage):
@@ -27,9 +28,10 @@ class Reward(Stage):
     writes = pa.schema([("rm_score", pa.float32())])
 
     def identity(self) -> dict:
-        return {"stage": self.name, "reward_model": models.identity(models.resolve(self.config.reward_model))}
+        return {"stage": self.name, "reward_model": models.identity(models.resolve(self.config.reward_model, self.config.trust_remote_code))}
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config
-        scores = rewards.score(c.reward_model, shard.column("messages").to_pylist(), c.device, c.batch_tokens)
+        scores = rewards.score(c.reward_model, shard.column("messages").to_pylist(), c.device, c.batch_tokens,
+                               c.trust_remote_code)
         return self.check(shard, pa.table({"rm_score": scores}))

@@ -15,6 +15,7 @@ from curate.stages.base import Stage
 class TokenizeConfig:
     model: str | None = None          # whose tokenizer and chat template (the probe model's)
     max_length: int | None = None     # cut the start of longer examples, keeping the last turns
+    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
 
 
 class Tokenize(Stage):
@@ -25,11 +26,11 @@ class Tokenize(Stage):
                         ("token_error", pa.string())])
 
     def identity(self) -> dict:
-        ref = models.resolve(self.config.model)
+        ref = models.resolve(self.config.model, self.config.trust_remote_code)
         return {**super().identity(), "tokenizer": models.identity(ref)}
 
     def run(self, shard: pa.Table) -> pa.Table:
-        tok = models.load_tokenizer(models.resolve(self.config.model))
+        tok = models.load_tokenizer(models.resolve(self.config.model, self.config.trust_remote_code))
         rows = {k: [] for k in self.writes.names}
         for messages in tqdm(shard.column("messages").to_pylist(), desc="tokenize", unit="ex", leave=False):
             error = None
