@@ -39,7 +39,8 @@ class JobPaths:
 
     @property
     def work_dir(self) -> Path:
-        return Path(self.work) if self.work else Path(self.out) / ".work"
+        """Absolute, so the shard paths recorded in state.json work from any directory (curate route)."""
+        return (Path(self.work) if self.work else Path(self.out) / ".work").resolve()
 
     def ingest(self) -> IngestConfig:
         return IngestConfig(list(self.input), self.format, self.shard_size, self.limit, self.skip_bad_files)

@@ -79,6 +79,7 @@ def run_irft(cfg: IrftConfig) -> dict:
     work, out = cfg.work_dir, Path(cfg.out)
     work.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(work)
+    clean_stale_temps(out)  # a killed run's temporary manifest or shard
     cont_stage, score_stage = Continuation(cfg.continuation()), PairScores(cfg.pair_scores())
     executor = make_executor(cfg.workers, cfg.scheduler)
     timings, cache = {}, {}

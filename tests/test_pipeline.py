@@ -121,6 +121,17 @@ def test_reroute_uses_cached_gradients(raw_dir, tmp_path, tiny_model_dir):
     assert {p: p.stat().st_mtime_ns for p in (out / ".work" / "probe").glob("*.arrow")} == probe_files
 
 
+def test_reroute_from_another_directory(raw_dir, tmp_path, tiny_model_dir, monkeypatch):
+    """A run started with relative paths can be re-routed from elsewhere: state.json holds absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    prism(raw_dir, "routed", tiny_model_dir)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["route", "--work", "../routed/.work", "--out", "again"]) == 0
+    for part in ("sft", "rl"):
+        assert load(tmp_path / "elsewhere" / "again", part).equals(load(tmp_path / "routed", part))
+
+
 def test_truncation_is_counted_and_empty_results_quarantined(tmp_path, tiny_model_dir):
     raw = tmp_path / "raw.jsonl"
     long_tail = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "short answer"},
