@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 
 @dataclass
 class Encoded:
@@ -61,6 +65,23 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None) -> En
     if truncated:
         ids, mask = ids[-max_length:], mask[-max_length:]
     return Encoded(ids, mask, truncated)
+
+
+def prompt_column(messages: pa.Array | pa.ChunkedArray) -> pa.ListArray:
+    """`prompt_messages` of every row of an Arrow list<struct<role, content>> column, without building a
+    Python object per message (route runs it on every routed row)."""
+    arr = messages.combine_chunks() if isinstance(messages, pa.ChunkedArray) else messages
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    flat = arr.flatten()
+    is_assistant = pc.equal(pc.struct_field(flat, "role"), "assistant").fill_null(False).to_numpy(zero_copy_only=False)
+    at = np.nonzero(is_assistant)[0]
+    rows, first = np.unique(pc.list_parent_indices(arr).to_numpy()[at], return_index=True)
+    keep = lengths.copy()                      # no assistant turn: the whole conversation
+    keep[rows] = at[first] - starts[rows]
+    offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
+    take = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, keep)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat.take(pa.array(take, pa.int64())), type=arr.type)
 
 
 def prompt_messages(messages: list[dict]) -> list[dict]:

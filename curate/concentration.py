@@ -54,7 +54,10 @@ def random_control(ids: list[str], seed: int) -> np.ndarray:
     return out
 
 
-def all_metrics(grad_norms: np.ndarray, ids: list[str], seed: int) -> dict[str, np.ndarray]:
-    """Every routing metric for a batch of rows, keyed by its column name."""
-    return {"gini": gini(grad_norms), "cv": cv(grad_norms), "kurtosis": kurtosis(grad_norms),
-            "magnitude": magnitude(grad_norms), "random": random_control(ids, seed)}
+_ON_NORMS = {"gini": gini, "cv": cv, "kurtosis": kurtosis, "magnitude": magnitude}
+
+
+def all_metrics(grad_norms: np.ndarray, ids: list[str], seed: int,
+                names: tuple[str, ...] = ("gini", "cv", "kurtosis", "magnitude", "random")) -> dict[str, np.ndarray]:
+    """The routing metrics `names` (default: all) for a batch of rows, keyed by column name."""
+    return {n: random_control(ids, seed) if n == "random" else _ON_NORMS[n](grad_norms) for n in names}

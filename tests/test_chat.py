@@ -1,3 +1,4 @@
+from curate import chat
 from curate.chat import encode, prompt_messages
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
@@ -27,3 +28,19 @@ def test_left_truncation_keeps_the_last_turns(smol_tokenizer):
 
 def test_prompt_is_everything_before_the_first_answer():
     assert prompt_messages(CONV) == CONV[:2]
+
+
+def test_prompt_column_equals_prompt_messages_row_by_row():
+    import random
+
+    import pyarrow as pa
+
+    from curate.schema import MESSAGES
+
+    rng = random.Random(0)
+    rows = [[{"role": rng.choice(["system", "user", "assistant", "tool"]), "content": f"m{i}-{k}"}
+             for k in range(rng.randint(0, 6))] for i in range(300)]
+    arr = pa.array(rows, type=MESSAGES)
+    for table in (arr, arr.slice(7, 200), pa.chunked_array([arr.slice(0, 100), arr.slice(100)])):
+        expected = [chat.prompt_messages(m) for m in table.to_pylist()]
+        assert chat.prompt_column(table).to_pylist() == expected

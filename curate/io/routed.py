@@ -7,9 +7,11 @@ rows of work shard i in input order: the same input gives the same files, byte f
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,14 +40,38 @@ def _signal_columns(paths: list[str]) -> pa.Table | None:
     return pa.table({name: t.column(name) for t in tables for name in t.column_names})
 
 
-def corpus_scores(state: dict, cfg: route.RouteConfig) -> np.ndarray:
-    """Pass 1: the routing score of every probed row (only ids and norms are read)."""
-    parts = []
-    for ing, _, prb, _ in _shards(state):
-        norms = read_arrow(prb, ["grad_norms"]).column("grad_norms")
-        ids = read_arrow(ing, ["id"]).column("id").filter(pc.invert(pc.is_null(norms)))
-        parts.append(route.scores(ids.to_pylist(), norms.drop_null(), cfg.seed)[cfg.metric])
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+def _shard_scores(paths: tuple, cfg: route.RouteConfig) -> np.ndarray:
+    ing, _, prb, _ = paths
+    norms = read_arrow(prb, ["grad_norms"]).column("grad_norms")
+    ids = read_arrow(ing, ["id"]).column("id").filter(pc.invert(pc.is_null(norms)))
+    return route.scores(ids.to_pylist(), norms.drop_null(), cfg.seed, (cfg.metric,))[cfg.metric]
+
+
+def corpus_scores(state: dict, cfg: route.RouteConfig, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+    """Pass 1: the routing score of every probed row, shard by shard (only ids and norms are read).
+    4 bytes a row, the one thing route holds for the whole corpus: an exact quantile needs them all."""
+    shards = list(_shards(state))
+    if pool is None:
+        return [_shard_scores(s, cfg) for s in shards]
+    return list(pool.map(_shard_scores, shards, [cfg] * len(shards)))
+
+
+def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg: route.RouteConfig,
+                 prefix_rows: str, staging: Path) -> tuple[list[dict], int, dict[str, tuple[str, int]]]:
+    """Pass 2 for one shard: its tokenize quarantine rows, truncations and written partition files."""
+    ing, tok, prb, sig = paths
+    records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
+    truncated = pc.sum(tokens.column("truncated")).as_py() or 0
+    rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg, _signal_columns(sig),
+                             prefix_rows, known={cfg.metric: score})
+    written = {}
+    for part in PARTITIONS:
+        subset = rows.filter(pc.equal(rows.column("route"), part))
+        if subset.num_rows:
+            name = f"{part}/part-{i:05d}.arrow"
+            write_arrow(staging / name, subset)
+            written[part] = (name, subset.num_rows)
+    return _token_quarantine(records, tokens), truncated, written
 
 
 def _token_quarantine(records: pa.Table, tokens: pa.Table) -> list[dict]:
@@ -60,7 +86,11 @@ def _token_quarantine(records: pa.Table, tokens: pa.Table) -> list[dict]:
 
 def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     t0 = time.perf_counter()
-    threshold = route.corpus_threshold(corpus_scores(state, cfg), cfg)
+    # Shards are independent in both passes; their numpy/arrow work and file writes release the GIL, so
+    # two threads use two cores. Results are taken in shard order: the same bytes as one thread.
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    scores = corpus_scores(state, cfg, pool)
+    threshold = route.corpus_threshold(np.concatenate(scores) if scores else np.zeros(0, np.float32), cfg)
     staging = out / ".staging"
     clean_stale_temps(out)  # e.g. the manifest's temporary file, if a run was killed while writing it
     shutil.rmtree(staging, ignore_errors=True)
@@ -69,22 +99,18 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     truncated = 0
     prefix_rows = state["config"].get("prefix", "none")
     # quarantine is streamed to its file (ingest's rows, then each shard's tokenize rows): never in memory
-    with jsonl_writer(staging / "quarantine" / "part-00000.jsonl") as quarantine:
+    shards = list(_shards(state))
+    with pool, jsonl_writer(staging / "quarantine" / "part-00000.jsonl") as quarantine:
         quarantine.copy_lines(state["ingest"]["quarantine"])
-        for i, (ing, tok, prb, sig) in enumerate(_shards(state)):
-            records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
-            for row in _token_quarantine(records, tokens):
+        results = pool.map(_route_shard, range(len(shards)), shards, scores, [threshold] * len(shards),
+                           [cfg] * len(shards), [prefix_rows] * len(shards), [staging] * len(shards))
+        for bad, n_truncated, written in results:
+            for row in bad:
                 quarantine.write(row)
-            truncated += pc.sum(tokens.column("truncated")).as_py() or 0
-            rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg, _signal_columns(sig),
-                                     prefix_rows)
-            for part in PARTITIONS:
-                subset = rows.filter(pc.equal(rows.column("route"), part))
-                if subset.num_rows:
-                    name = f"{part}/part-{i:05d}.arrow"
-                    write_arrow(staging / name, subset)
-                    files[part].append(name)
-                    counts[part] += subset.num_rows
+            truncated += n_truncated
+            for part, (name, n) in written.items():
+                files[part].append(name)
+                counts[part] += n
     for folder in (*PARTITIONS, "quarantine"):
         swap_into_place(staging / folder, out / folder)
     shutil.rmtree(staging, ignore_errors=True)

@@ -29,12 +29,14 @@ class RouteConfig:
             raise ValueError(f"quantile must be in [0, 1], got {self.quantile}")
 
 
-def scores(ids: list[str], grad_norms: pa.ChunkedArray | pa.Array, seed: int) -> dict[str, np.ndarray]:
-    """Every metric for rows that have gradient norms (callers drop the rest first), as the float32
-    values the columns hold: the threshold is then one of those values and compares exactly."""
+def scores(ids: list[str], grad_norms: pa.ChunkedArray | pa.Array, seed: int,
+           names: tuple[str, ...] = schema.METRICS) -> dict[str, np.ndarray]:
+    """The metrics `names` (default: all) for rows that have gradient norms (callers drop the rest
+    first), as the float32 values the columns hold: the threshold is then one of those values and
+    compares exactly."""
     g = np.asarray(pc.list_flatten(grad_norms).to_numpy(zero_copy_only=False), dtype=np.float64)
     g = g.reshape(len(ids), -1) if len(ids) else g.reshape(0, 0)
-    return {k: v.astype(np.float32) for k, v in concentration.all_metrics(g, ids, seed).items()}
+    return {k: v.astype(np.float32) for k, v in concentration.all_metrics(g, ids, seed, names).items()}
 
 
 def corpus_threshold(values: np.ndarray, config: RouteConfig) -> float:
@@ -53,17 +55,20 @@ def assign(values: np.ndarray, threshold: float, reverse: bool) -> np.ndarray:
 
 
 def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold: float,
-                config: RouteConfig, signals: pa.Table | None = None, prefix_rows: str = "rl") -> pa.Table:
+                config: RouteConfig, signals: pa.Table | None = None, prefix_rows: str = "rl",
+                known: dict[str, np.ndarray] | None = None) -> pa.Table:
     """Join one shard's columns, keep rows with gradient norms, add scores and the route. Signal columns
     (rm_score, Prefix-RFT) are joined; Prefix-RFT ones are kept on the rows `prefix_rows` names (rl | all)
-    and null elsewhere. A column no stage computed is null."""
+    and null elsewhere. A column no stage computed is null. `known`: metrics already computed for the
+    kept rows (the routing score from the corpus pass), not computed again."""
     keep = pc.invert(pc.is_null(probe.column("grad_norms")))
     records, tokens, probe = records.filter(keep), tokens.filter(keep), probe.filter(keep)
     ids = records.column("id").to_pylist()
-    metrics = scores(ids, probe.column("grad_norms"), config.seed)
+    known = known or {}
+    metrics = scores(ids, probe.column("grad_norms"), config.seed, tuple(m for m in schema.METRICS if m not in known))
+    metrics = {m: known[m] if m in known else metrics[m] for m in schema.METRICS}
     cols = {name: records.column(name) for name in schema.columns(schema.RECORD)}
-    cols["prompt"] = pa.array([chat.prompt_messages(m) for m in records.column("messages").to_pylist()],
-                              type=schema.MESSAGES)
+    cols["prompt"] = chat.prompt_column(records.column("messages"))
     cols.update({name: tokens.column(name) for name in schema.TOKEN_COLUMNS})
     cols.update({name: probe.column(name) for name in schema.PROBE_COLUMNS})
     cols.update(metrics)
