@@ -151,7 +151,11 @@ def _verl(module: str, *names: str):
         mod = importlib.import_module(module)
         return [getattr(mod, n) for n in names]
     except ImportError as e:
-        pytest.skip(f"{module} is not importable here ({e}); install verl with: {VERL_INSTALL}")
+        import importlib.util
+
+        hint = ("verl is installed but this module needs an older transformers (verl pins < 5.11)"
+                if importlib.util.find_spec("verl") else f"install verl with: {VERL_INSTALL} (make setup does)")
+        pytest.skip(f"{module} is not importable here ({e}); {hint}")
 
 
 def test_verl_rlhf_dataset_loads_the_export(exports, tiny_model_dir, tmp_path):
