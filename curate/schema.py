@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # a link to the repo's schemas/; a copy in wheels
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
 
@@ -22,8 +22,6 @@ _JSON_TYPE = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64
 @lru_cache(maxsize=None)
 def load_json_schema(name: str) -> dict:
     path = SCHEMA_DIR / f"{name}.schema.json"
-    if not path.exists():  # installed without the repo: schemas ship inside the package
-        path = Path(__file__).resolve().parent / "schemas" / f"{name}.schema.json"
     return json.loads(path.read_text())
 
 
