@@ -22,11 +22,9 @@ def _summary(manifest: dict, out: str) -> str:
             f"  {out}/sft/  {out}/rl/  {out}/quarantine/  {out}/manifest.json")
 
 
-def cmd_prism(args: argparse.Namespace) -> int:
-    from curate.pipeline import run_prism
-
-    cfg = config.from_args(args)
-    print(_summary(run_prism(cfg), cfg.out))
+def cmd_job(args: argparse.Namespace) -> int:
+    """prism, drift, irft: the subcommand's flags -> its job config -> the run's summary."""
+    print(run_job(args.command, config.from_args(args, config.JOBS[args.command])))
     return 0
 
 
@@ -48,14 +46,6 @@ def _drift_summary(manifest: dict, out: str) -> str:
             f"({w['all_fail']}: {c['prompts_dropped']} records dropped), clipped {w['clipped']}; "
             f"quarantined {c['quarantined']}, duplicates {c['duplicates']}\n"
             f"  {out}/sft/  {out}/quarantine/  {out}/manifest.json")
-
-
-def cmd_drift(args: argparse.Namespace) -> int:
-    from curate.drift import run_drift
-
-    cfg = config.from_args(args, config.DriftConfig)
-    print(_drift_summary(run_drift(cfg), cfg.out))
-    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -88,14 +78,6 @@ def _irft_summary(manifest: dict, out: str) -> str:
             f"  {out}/pairs/  {out}/stage_index/  {out}/quarantine/  {out}/manifest.json")
 
 
-def cmd_irft(args: argparse.Namespace) -> int:
-    from curate.irft import run_irft
-
-    cfg = config.from_args(args, config.IrftConfig)
-    print(_irft_summary(run_irft(cfg), cfg.out))
-    return 0
-
-
 def run_job(job: str, cfg) -> str:
     """Run a job's config; its one-paragraph summary."""
     if job == "drift":
@@ -125,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prism", help="score every demonstration by gradient concentration and route it to sft/rl")
     config.add_arguments(p)
-    p.set_defaults(func=cmd_prism)
+    p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("route", help="re-route a finished prism run from its cache (no gradients)")
     p.add_argument("--work", required=True, help="the prism run's work folder (default of prism: OUT/.work)")
@@ -135,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("drift", help="K verified multi-turn rollouts per prompt -> DRIFT-weighted SFT data")
     config.add_arguments(p, config.DriftConfig)
-    p.set_defaults(func=cmd_drift)
+    p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("irft", help="self-generated replies, implicit rewards and RM scores -> DPO pairs (IRFT/SPIN)")
     config.add_arguments(p, config.IrftConfig)
-    p.set_defaults(func=cmd_irft)
+    p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("report", help="(re)write DIR/report.html: plots of a routed or drift output folder")
     p.add_argument("--routed", required=True, help="output folder of prism, route or drift (holds manifest.json)")

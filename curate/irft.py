@@ -65,13 +65,27 @@ def reply(texts: pa.ChunkedArray) -> list[list[dict]]:
     return [[{"role": "assistant", "content": t}] for t in texts.to_pylist()]
 
 
-def win_rates(chosen: list[float], rejected: list[float]) -> dict | None:
-    """Share of pairs where the demonstration scores higher than the generation (ties apart)."""
-    if not chosen:
-        return None
-    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
-    return {"demo_wins": float(np.mean(c > r)), "ties": float(np.mean(c == r)), "pairs": len(c),
-            "mean_margin": float(np.mean(c - r))}
+class WinRate:
+    """Running share of pairs where the demonstration scores higher than the generation (ties apart):
+    counts, not every score, so the corpus pass stays in bounded memory."""
+
+    def __init__(self):
+        self.pairs = self.wins = self.ties = 0
+        self.margin = 0.0
+
+    def add(self, chosen: pa.ChunkedArray, rejected: pa.ChunkedArray) -> None:
+        c = chosen.to_numpy(zero_copy_only=False).astype(np.float64)
+        r = rejected.to_numpy(zero_copy_only=False).astype(np.float64)
+        self.pairs += len(c)
+        self.wins += int(np.sum(c > r))
+        self.ties += int(np.sum(c == r))
+        self.margin += float(np.sum(c - r))
+
+    def summary(self) -> dict | None:
+        if not self.pairs:
+            return None
+        return {"demo_wins": self.wins / self.pairs, "ties": self.ties / self.pairs, "pairs": self.pairs,
+                "mean_margin": self.margin / self.pairs}
 
 
 def run_irft(cfg: IrftConfig) -> dict:
@@ -100,8 +114,7 @@ def run_irft(cfg: IrftConfig) -> dict:
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     files, counts, stage_index = [], {"pairs": 0, "identical": 0, "other_stages": 0}, []
-    scores = {k: [] for k in ("implicit_reward_chosen", "implicit_reward_rejected", "rm_score_chosen",
-                              "rm_score_rejected")}
+    implicit, rm = WinRate(), WinRate()
     with jsonl_writer(staging / "quarantine" / "part-00000.jsonl") as quarantine:
         quarantine.copy_lines(ing["quarantine"])
         for i, (s_ing, s_cont, s_scr) in enumerate(zip(ing["shards"], cont, scr)):
@@ -122,8 +135,8 @@ def run_irft(cfg: IrftConfig) -> dict:
                 write_arrow(staging / name, rows)
                 files.append(name)
                 counts["pairs"] += rows.num_rows
-                for k in scores:
-                    scores[k] += rows.column(k).to_pylist()
+                implicit.add(rows.column("implicit_reward_chosen"), rows.column("implicit_reward_rejected"))
+                rm.add(rows.column("rm_score_chosen"), rows.column("rm_score_rejected"))
     write_arrow(staging / "stage_index" / "part-00000.arrow",
                 pa.concat_tables(stage_index) if stage_index else pa.table({}))
     for folder in (PAIRS, "quarantine", "stage_index"):
@@ -143,8 +156,8 @@ def run_irft(cfg: IrftConfig) -> dict:
         "counts": counts,
         "stage": {"index": cfg.stage, "of": cfg.stages, "beta": cfg.beta},
         "win_rates": {
-            "implicit_reward": win_rates(scores["implicit_reward_chosen"], scores["implicit_reward_rejected"]),
-            "reward_model": win_rates(scores["rm_score_chosen"], scores["rm_score_rejected"]) if has_rm else None},
+            "implicit_reward": implicit.summary(),
+            "reward_model": rm.summary() if has_rm else None},
         "generation": {**asdict(cfg.generation()), "engine": generation.resolve_engine(cfg.generation())},
         "files": {PAIRS: files, "stage_index": ["stage_index/part-00000.arrow"]},
         "model": models.identity_of(cfg.model, cfg.trust_remote_code),
