@@ -157,7 +157,7 @@ def _write_sft(shards, weighted: W.Weighted, group_of: dict, rcfg: ReturnConfig,
         prompts += len({r["id"] for r in kept})
         if kept:
             name = f"sft/part-{i:05d}.arrow"
-            write_arrow(staging / name, pa.Table.from_pylist(kept, schema=target))
+            write_arrow(staging / name, pa.Table.from_pylist(kept, schema=target), digest=False)
             files.append(name)
     write_jsonl(staging / "quarantine" / "part-00000.jsonl", quarantine)
     for folder in ("sft", "quarantine"):

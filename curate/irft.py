@@ -132,7 +132,7 @@ def run_irft(cfg: IrftConfig) -> dict:
             counts["other_stages"] += valid - rows.num_rows - dropped
             if rows.num_rows:
                 name = f"{PAIRS}/part-{i:05d}.arrow"
-                write_arrow(staging / name, rows)
+                write_arrow(staging / name, rows, digest=False)
                 files.append(name)
                 counts["pairs"] += rows.num_rows
                 implicit.add(rows.column("implicit_reward_chosen"), rows.column("implicit_reward_rejected"))

@@ -85,7 +85,8 @@ def _remove_parts_beyond(folder: Path, n: int) -> None:
 def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
     """Ingest is all-or-nothing (it is fast and it defines the shards); its marker lists the shards."""
     icfg = cfg.ingest()
-    key = stable_hash([asdict(icfg), input_fingerprint(icfg)])
+    files = input_fingerprint(icfg)
+    key = stable_hash([icfg.cache_fields(), files])
     marker = folder / "ingest.done.json"
     if not cfg.force and marker.exists() and read_json(marker)["key"] == key:
         return read_json(marker), {"computed": 0, "cached": 1}
@@ -97,7 +98,7 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
         shards.append({"path": str(path), "sha256": write_arrow(path, table), "rows": table.num_rows})
 
     with jsonl_writer(folder / "quarantine.jsonl") as quarantine:  # streamed: bad records can be many
-        res = ingest(icfg, write_shard, quarantine.write)
+        res = ingest(icfg, write_shard, quarantine.write, files)
     _remove_parts_beyond(folder, len(shards))
     done = {"key": key, "shards": shards, "counts": res.counts, "files": res.files, "skipped": res.skipped,
             "quarantine": str(folder / "quarantine.jsonl")}

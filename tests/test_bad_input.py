@@ -10,10 +10,12 @@ from pathlib import Path
 
 import jsonschema
 import pyarrow as pa
+import pytest
 
 from curate.cli import main
 from curate.io.atomic import read_arrow
 from curate.schema import load_json_schema
+from curate.stages import ingest_chunks
 from curate.stages.ingest import IngestConfig, ingest
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
@@ -60,15 +62,24 @@ def physical_records() -> int:
     return n
 
 
-def run_ingest(inputs, **kw):
+@pytest.fixture(params=[0, 2], ids=["in-process", "2-helpers"])
+def parse_procs(request, monkeypatch):
+    """Every ingest check runs in this process and on helper processes fed 64-byte chunks (so most
+    lines, and the gzip stream's break, fall in chunks of their own)."""
+    if request.param:
+        monkeypatch.setattr(ingest_chunks, "CHUNK_BYTES", 64)
+    return request.param
+
+
+def run_ingest(inputs, parse_procs=0, **kw):
     shards, quarantine = [], []
-    res = ingest(IngestConfig([str(p) for p in inputs], shard_size=3, **kw), lambda i, t: shards.append(t),
-                 quarantine.append)
+    res = ingest(IngestConfig([str(p) for p in inputs], shard_size=3, parse_procs=parse_procs, **kw),
+                 lambda i, t: shards.append(t), quarantine.append)
     return res, pa.concat_tables(shards) if shards else None, quarantine
 
 
-def test_every_bad_record_is_quarantined_with_its_reason():
-    res, kept, quarantine = run_ingest([RECORDS])
+def test_every_bad_record_is_quarantined_with_its_reason(parse_procs):
+    res, kept, quarantine = run_ingest([RECORDS], parse_procs)
     got = {(Path(q["source"]).name, q["source_index"]): q for q in quarantine}
     assert set(got) == set(EXPECTED)
     for key, fragment in EXPECTED.items():
@@ -98,8 +109,8 @@ def test_unreadable_files_fail_naming_the_file(tmp_path, capsys, tiny_model_dir)
         assert not (tmp_path / bad / "manifest.json").exists()
 
 
-def test_skip_bad_files_lists_them_and_keeps_what_was_read():
-    res, kept, _ = run_ingest([RECORDS, FILES], skip_bad_files=True)
+def test_skip_bad_files_lists_them_and_keeps_what_was_read(parse_procs):
+    res, kept, _ = run_ingest([RECORDS, FILES], parse_procs, skip_bad_files=True)
     skipped = {Path(s["path"]).name: s for s in res.skipped}
     assert set(skipped) == {"unreadable.parquet", "cut.jsonl.gz"}
     assert "not a Parquet file" in skipped["unreadable.parquet"]["reason"]

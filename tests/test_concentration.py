@@ -44,3 +44,40 @@ def test_random_control_is_seeded_and_order_free():
     assert np.array_equal(a[::-1], c.random_control(ids[::-1], seed=1))
     assert not np.array_equal(a, c.random_control(ids, seed=2))
     assert ((a >= 0) & (a < 1)).all() and 0.35 < a.mean() < 0.65
+
+
+def _splitmix_reference(rid: str, seed: int) -> float:
+    """random_control's rule, one id at a time in Python integers (mod 2**64)."""
+    mask = 2**64 - 1
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    data = rid.encode()
+    h = mix((seed & mask) ^ 0x9E3779B97F4A7C15)
+    for k in range(0, max(len(data), 1), 8):  # the empty id folds one zero word
+        h = mix(h ^ int.from_bytes(data[k:k + 8].ljust(8, b"\0"), "little"))
+    return (mix(h ^ len(data)) >> 11) / 2.0**53
+
+
+def test_random_control_matches_a_scalar_reference_and_is_uniform():
+    ids = [f"{i:032x}" for i in range(20000)] + ["", "é", "a" * 41, "b" * 8]
+    got = c.random_control(ids, seed=7)
+    # mixed lengths pad to the longest id's words: the value of an id does not depend on its batch mates
+    assert [c.random_control([i], seed=7)[0] for i in ids[-4:]] == list(got[-4:])
+    np.testing.assert_array_equal(got[-4:], [_splitmix_reference(i, 7) for i in ids[-4:]])
+    np.testing.assert_array_equal(got[:50], [_splitmix_reference(i, 7) for i in ids[:50]])
+    deciles = np.histogram(got[:20000], bins=10, range=(0, 1))[0]
+    assert deciles.min() > 1800 and deciles.max() < 2200  # uniform: 2000 each, ~45 standard deviation
+    assert np.corrcoef(got[:20000], np.arange(20000))[0, 1] ** 2 < 1e-3  # no trace of the id's order
+
+
+def test_all_metrics_equal_the_single_metric_functions():
+    g = np.random.default_rng(3).gamma(2.0, 1.0, (64, 210)).astype(np.float32)
+    ids = [str(i) for i in range(64)]
+    got = c.all_metrics(g, ids, seed=0)
+    for name, fn in (("gini", c.gini), ("cv", c.cv), ("kurtosis", c.kurtosis), ("magnitude", c.magnitude)):
+        np.testing.assert_array_equal(got[name], fn(g))
+    np.testing.assert_array_equal(got["random"], c.random_control(ids, 0))

@@ -40,7 +40,8 @@ from curate.formats.records import (
 from curate.formats.webshop import convert_webshop_session, group_sessions, is_page_visit
 from curate.io.readers import RawError
 
-__all__ = ["FORMATS", "BadRecord", "Normalized", "detect_format", "iter_normalized", "normalize", "record_id"]
+__all__ = ["FORMATS", "BadRecord", "Normalized", "detect_format", "is_session_line", "iter_normalized", "normalize",
+           "record_id"]
 
 FORMATS = (
     "messages", "sharegpt", "prompt_completion", "question_answer", "alpaca",
@@ -54,14 +55,26 @@ def _has_role_list(raw: dict) -> bool:
     """`messages`, or a `conversation(s)` list of {role, content} (ShareGPT uses {from, value})."""
     if "messages" in raw:
         return True
-    lists = (raw.get(k) for k in CHAT_LIST_KEYS[1:])
-    return any(isinstance(v, list) and v and isinstance(v[0], dict) and "role" in v[0] for v in lists)
+    for key in CHAT_LIST_KEYS[1:]:  # plain loops in these predicates: they run for every record
+        v = raw.get(key)
+        if isinstance(v, list) and v and isinstance(v[0], dict) and "role" in v[0]:
+            return True
+    return False
+
+
+def _has_completion(raw: dict) -> bool:
+    if "prompt" not in raw:
+        return False
+    for key in COMPLETION_KEYS:
+        if key in raw:
+            return True
+    return False
 
 
 _MATCHES: dict[str, Callable[[dict], bool]] = {
     "messages": _has_role_list,
     "sharegpt": lambda r: "conversations" in r or "conversation" in r,
-    "prompt_completion": lambda r: "prompt" in r and any(k in r for k in COMPLETION_KEYS),
+    "prompt_completion": _has_completion,
     "question_answer": lambda r: {"question", "answer"} <= r.keys() or {"problem", "solution"} <= r.keys(),
     "alpaca": lambda r: "instruction" in r and ("output" in r or "instances" in r),
     "hh": lambda r: "chosen" in r,
@@ -165,7 +178,8 @@ def _attempt(raw: dict, fmt: str) -> Normalized | BadRecord:
         return e
 
 
-def _is_session_line(item: dict | RawError, fmt: str) -> bool:
+def is_session_line(item: dict | RawError, fmt: str) -> bool:
+    """A WebShop page visit: grouped with the lines around it that share its session."""
     if fmt not in ("auto", "webshop_session") or not isinstance(item, dict) or not is_page_visit(item):
         return False
     return fmt == "webshop_session" or detect_format(item) == "webshop_session"
@@ -183,7 +197,7 @@ def iter_normalized(
     """
     pending: list[tuple[int, dict]] = []
     for index, item in items:
-        if _is_session_line(item, fmt):
+        if is_session_line(item, fmt):
             pending.append((index, item))
             continue
         yield from _sessions(pending, path)

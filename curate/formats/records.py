@@ -84,15 +84,20 @@ def check_unicode(what: str, text: str) -> str:
 
 def validate_messages(messages: list[dict]) -> list[dict]:
     """Check the conversation as a whole; returns it unchanged."""
+    roles = set()
     for i, m in enumerate(messages):
-        if m["role"] not in ROLES:
-            raise BadRecord(f"message {i}: unknown role {m['role']!r}")
-        check_content(i, m["content"])
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise BadRecord(f"message {i}: unknown role {role!r}")
+        roles.add(role)
+        # the common case without a call: a non-blank ASCII string (check_content says what is wrong)
+        if not (type(content) is str and content.isascii() and content and not content.isspace()):
+            check_content(i, content)
     if not messages:
         raise BadRecord("no messages")
-    if all(m["role"] == "system" for m in messages):
+    if roles == {"system"}:
         raise BadRecord("only system turns")
-    if not any(m["role"] == "assistant" for m in messages):
+    if "assistant" not in roles:
         raise BadRecord("no assistant turn")
     return messages
 

@@ -30,12 +30,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_arrow(path: str | os.PathLike, table: pa.Table) -> str:
-    """Arrow IPC *stream* (what `datasets.load_dataset("arrow")` reads); returns the file's sha256."""
+def write_arrow(path: str | os.PathLike, table: pa.Table, digest: bool = True) -> str | None:
+    """Arrow IPC *stream* (what `datasets.load_dataset("arrow")` reads); returns the file's sha256
+    (hashed in memory, not read back), or None without `digest` (outputs nothing downstream keys on)."""
     with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        if not digest:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            return None
+        buffer = pa.BufferOutputStream()
+        with pa.ipc.new_stream(buffer, table.schema) as writer:
             writer.write_table(table)
-    return file_sha256(path)
+        data = buffer.getvalue()
+        with pa.OSFile(str(tmp), "wb") as sink:
+            sink.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_arrow(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +184,40 @@ def _read_json_lines(path: Path) -> Iterator[tuple[int, dict | RawError]]:
             record = parse_json_line(line, first=index == 0)
             if record is not None:
                 yield index, record
+
+
+def read_json_line_chunks(
+    path: Path, chunk_bytes: int, continues: Callable[[bytes, int], bool]
+) -> Iterator[tuple[int, list[bytes]]]:
+    """A JSON-lines file as (index of the first line, its raw lines) chunks of about `chunk_bytes`, for
+    ingest to parse in parallel. A chunk never ends on a line for which `continues(line, index)` holds
+    (a blank line, or a WebShop page visit whose session may go on), so nothing that must be read
+    together is split. Errors are raised as `read_records` raises them, after the lines read so far."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return iter(())
+    except OSError as e:
+        raise UnreadableFile(path, f"cannot open ({e.strerror or e})") from e
+    return _primed(_guard(path, _line_chunks(path, chunk_bytes, continues)))
+
+
+def _line_chunks(path: Path, chunk_bytes: int, continues: Callable[[bytes, int], bool]):
+    start, lines, size = 0, [], 0
+    with _open_binary(path) as f:
+        try:
+            for index, line in enumerate(f):
+                lines.append(line)
+                size += len(line)
+                if size >= chunk_bytes and not continues(line, index):
+                    yield start, lines
+                    start, lines, size = index + 1, [], 0
+        except Exception:
+            if lines:  # what was read before a broken stream still counts, as it does line by line
+                yield start, lines
+            raise
+    if lines:
+        yield start, lines
 
 
 def parse_json_line(line: bytes, first: bool = False) -> dict | RawError | None:

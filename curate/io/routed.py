@@ -43,8 +43,10 @@ def _signal_columns(paths: list[str]) -> pa.Table | None:
 def _shard_scores(paths: tuple, cfg: route.RouteConfig) -> np.ndarray:
     ing, _, prb, _ = paths
     norms = read_arrow(prb, ["grad_norms"]).column("grad_norms")
-    ids = read_arrow(ing, ["id"]).column("id").filter(pc.invert(pc.is_null(norms)))
-    return route.scores(ids.to_pylist(), norms.drop_null(), cfg.seed, (cfg.metric,))[cfg.metric]
+    ids = read_arrow(ing, ["id"]).column("id")
+    if norms.null_count:
+        ids, norms = ids.filter(pc.invert(pc.is_null(norms))), norms.drop_null()
+    return route.scores(ids.to_pylist(), norms, cfg.seed, (cfg.metric,))[cfg.metric]
 
 
 def corpus_scores(state: dict, cfg: route.RouteConfig, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
@@ -69,7 +71,7 @@ def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg:
         subset = rows.filter(pc.equal(rows.column("route"), part))
         if subset.num_rows:
             name = f"{part}/part-{i:05d}.arrow"
-            write_arrow(staging / name, subset)
+            write_arrow(staging / name, subset, digest=False)
             written[part] = (name, subset.num_rows)
     return _token_quarantine(records, tokens), truncated, written
 

@@ -2,8 +2,12 @@
 
 This is the stage that makes the shards, so it runs over the whole input rather than one shard: it
 streams records, drops exact duplicates (same content id, first one kept) and quarantines bad records
-with their file, line and reason. Nothing is held beyond one shard, except the set of ids seen (for
-deduplication: about 140 bytes per unique record).
+with their file, line and reason. Nothing is held beyond a few chunks and one shard, except the set of
+ids seen (for deduplication: about 140 bytes per unique record).
+
+Parsing and normalising, most of the work, is done chunk by chunk (ingest_chunks); JSON-lines chunks go
+to helper processes (ingest_pool) when the input is large enough to pay for starting them. Their
+results are taken in input order, so the shards are the same bytes with or without helpers.
 
 A file that cannot be read raises `readers.UnreadableFile` naming it; with `skip_bad_files` it is
 listed in `IngestResult.skipped` instead (records read before a mid-file error stay counted)."""
@@ -11,19 +15,20 @@ listed in `IngestResult.skipped` instead (records read before a mid-file error s
 from __future__ import annotations
 
 import gc
-import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from curate import schema
-from curate.formats import adapters
 from curate.io import readers
 from curate.io.atomic import file_sha256, stable_hash
+from curate.stages import ingest_chunks as chunks
+from curate.stages.ingest_pool import HelperPool, usable_cpus
 
-RAW_LIMIT = 64 * 1024  # quarantine keeps at most this much of a bad record's text
+# Below this much JSON lines, starting helpers (~0.3 s) costs more than it saves.
+HELPERS_MIN_BYTES = 8 << 20
 
 
 @dataclass
@@ -33,6 +38,11 @@ class IngestConfig:
     shard_size: int = 256                             # records per shard: the unit of work and resume
     limit: int | None = None                          # stop after the first N unique records
     skip_bad_files: bool = False                      # list unreadable files instead of failing
+    parse_procs: int | None = None                    # helper processes; None: one per CPU for large input
+
+    def cache_fields(self) -> dict:
+        """What the shards depend on: not how many processes made them."""
+        return {k: v for k, v in vars(self).items() if k != "parse_procs"}
 
 
 @dataclass
@@ -59,75 +69,117 @@ def input_fingerprint(config: IngestConfig) -> list[dict]:
     return out
 
 
-def _raw_text(raw) -> str:
-    text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    return text[:RAW_LIMIT]
-
-
 def ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
-           quarantine: Callable[[dict], None] | None = None) -> IngestResult:
+           quarantine: Callable[[dict], None] | None = None, files: list[dict] | None = None) -> IngestResult:
     """Stream every input record; call write_shard(i, table) for each full shard as it fills.
 
     Bad records go to `quarantine(row)` as they are found (default: kept in `IngestResult.quarantine`),
-    so a corpus with millions of bad records still runs in bounded memory."""
-    res = IngestResult(files=input_fingerprint(config))
+    so a corpus with millions of bad records still runs in bounded memory. `files`: the inputs'
+    `input_fingerprint`, if the caller has it already."""
+    res = IngestResult(files=files if files is not None else input_fingerprint(config))
     # By now the process holds millions of long-lived objects (torch, transformers); every full garbage
     # collection that ingest's per-record dicts trigger would rescan them all. Frozen, they are skipped:
     # about 25% faster ingest. Records hold no reference cycles, so nothing is missed meanwhile.
     gc.freeze()
     try:
-        return _ingest(config, write_shard, quarantine, res)
+        n = helper_count(config)
+        with HelperPool(n, config.format) if n else nullcontext() as pool:
+            return _ingest(config, write_shard, quarantine, res, pool)
     finally:
         gc.unfreeze()
 
 
+def helper_count(config: IngestConfig) -> int:
+    if config.parse_procs is not None:
+        return max(0, config.parse_procs)
+    jsonl = sum(p.stat().st_size for p in readers.list_input_files(config.inputs) if _is_jsonl(p))
+    return usable_cpus() if usable_cpus() > 1 and jsonl >= HELPERS_MIN_BYTES else 0
+
+
+class _Shards:
+    """Rows in, shards of exactly `size` rows out (the last one shorter), numbered in order."""
+
+    def __init__(self, size: int, write: Callable[[int, pa.Table], None]):
+        self.size, self.write, self.pending, self.rows, self.count = size, write, [], 0, 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= self.size:
+            self._emit(final=False)
+
+    def finish(self) -> int:
+        if self.rows:
+            self._emit(final=True)
+        return self.count
+
+    def _emit(self, final: bool) -> None:
+        table, offset = pa.concat_tables(self.pending), 0
+        while table.num_rows - offset >= (1 if final else self.size):
+            shard = table.slice(offset, self.size)
+            self.write(self.count, shard.combine_chunks())  # one record batch, whatever chunks it came from
+            self.count, offset = self.count + 1, offset + shard.num_rows
+        rest = table.slice(offset)
+        self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+
 def _ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
-            quarantine: Callable[[dict], None] | None, res: IngestResult) -> IngestResult:
+            quarantine: Callable[[dict], None] | None, res: IngestResult, pool: HelperPool | None) -> IngestResult:
     sink = quarantine or res.quarantine.append
     seen: set[str] = set()
-    buf: list[dict] = []
-    n_shards = 0
-
-    def flush():
-        nonlocal n_shards, buf
-        write_shard(n_shards, pa.Table.from_pylist(buf, schema=schema.arrow_schema(schema.RECORD)))
-        n_shards, buf = n_shards + 1, []
-
-    for source, index, raw, result in _normalized(config, res.skipped):
-        res.counts["input"] += 1
-        if isinstance(result, adapters.BadRecord):
-            res.counts["quarantined"] += 1
-            sink({"source": source, "source_index": index, "stage": "ingest",
-                  "reason": str(result), "raw": _raw_text(raw)})
-            continue
-        rid = adapters.record_id(result)
-        if rid in seen:
-            res.counts["duplicates"] += 1
-            continue
-        seen.add(rid)
-        buf.append({"id": rid, "source": source, "source_index": index, "format": result.format,
-                    "messages": result.messages, "ground_truth": result.ground_truth, "reward": result.reward})
-        if len(buf) == config.shard_size:
-            flush()
-        if config.limit is not None and len(seen) >= config.limit:
-            break  # --limit reads no further, so the counts still reconcile
-    if buf:
-        flush()
-    res.counts["shards"] = n_shards
+    shards = _Shards(config.shard_size, write_shard)
+    for result in _chunk_results(config, res.skipped, pool):
+        records, bad, keep, limited = result.records, result.bad, [], False
+        for rid in records.column("id").to_pylist():
+            keep.append(rid not in seen)
+            seen.add(rid)
+            if limited := config.limit is not None and len(seen) >= config.limit:
+                break
+        if limited:  # --limit reads no further than its last record, so the counts still reconcile
+            records = records.slice(0, len(keep))
+            last = records.column("source_index")[-1].as_py()
+            bad = [row for row in bad if row["source_index"] < last]
+        for row in bad:
+            sink(row)
+        n_new = sum(keep)
+        res.counts["input"] += records.num_rows + len(bad)
+        res.counts["quarantined"] += len(bad)
+        res.counts["duplicates"] += records.num_rows - n_new
+        shards.add(records if n_new == records.num_rows else records.filter(pa.array(keep)))
+        if limited:
+            break
+    res.counts["shards"] = shards.finish()
     res.counts["skipped_files"] = len(res.skipped)
     return res
 
 
-def _normalized(config: IngestConfig, skipped: list[dict]) -> Iterator[tuple[str, int, object, object]]:
-    """(source, index, raw, Normalized | BadRecord) of every record of every readable file."""
+def _chunk_results(config: IngestConfig, skipped: list[dict], pool: HelperPool | None) -> Iterator[chunks.ChunkResult]:
+    """Every readable file's records, chunk by chunk, in input order."""
     for path in readers.list_input_files(config.inputs):
         n = 0
         try:
-            items = readers.read_records(Path(path))
-            for index, raw, result in adapters.iter_normalized(path, items, config.format):
-                n += 1
-                yield str(path), index, raw, result
+            for result in _file_chunks(path, config.format, pool):
+                n += result.n_items
+                yield result
         except readers.UnreadableFile as e:
             if not config.skip_bad_files:
                 raise
             skipped.append({"path": str(path), "reason": e.why, "records_read": n})
+
+
+def _file_chunks(path: Path, fmt: str, pool: HelperPool | None) -> Iterator[chunks.ChunkResult]:
+    source = str(path)
+    if not _is_jsonl(path):
+        for items in chunks.item_chunks(readers.read_records(path), fmt):
+            yield chunks.normalize_items(source, items, fmt)
+        return
+    lines = readers.read_json_line_chunks(path, chunks.CHUNK_BYTES, chunks.continues(fmt))
+    if pool is not None:
+        yield from pool.map(source, lines)
+    else:
+        for start, part in lines:
+            yield chunks.normalize_lines(source, start, b"".join(part), fmt)
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.is_file() and path.name.lower().removesuffix(".gz").endswith(".jsonl")

@@ -34,7 +34,7 @@ def scores(ids: list[str], grad_norms: pa.ChunkedArray | pa.Array, seed: int,
     """The metrics `names` (default: all) for rows that have gradient norms (callers drop the rest
     first), as the float32 values the columns hold: the threshold is then one of those values and
     compares exactly."""
-    g = np.asarray(pc.list_flatten(grad_norms).to_numpy(zero_copy_only=False), dtype=np.float64)
+    g = pc.list_flatten(grad_norms).to_numpy(zero_copy_only=False)  # float32: each metric upcasts as it needs
     g = g.reshape(len(ids), -1) if len(ids) else g.reshape(0, 0)
     return {k: v.astype(np.float32) for k, v in concentration.all_metrics(g, ids, seed, names).items()}
 
@@ -62,7 +62,8 @@ def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold:
     and null elsewhere. A column no stage computed is null. `known`: metrics already computed for the
     kept rows (the routing score from the corpus pass), not computed again."""
     keep = pc.invert(pc.is_null(probe.column("grad_norms")))
-    records, tokens, probe = records.filter(keep), tokens.filter(keep), probe.filter(keep)
+    if probe.column("grad_norms").null_count:  # else filtering would only copy every column
+        records, tokens, probe = records.filter(keep), tokens.filter(keep), probe.filter(keep)
     ids = records.column("id").to_pylist()
     known = known or {}
     metrics = scores(ids, probe.column("grad_norms"), config.seed, tuple(m for m in schema.METRICS if m not in known))
@@ -77,7 +78,7 @@ def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold:
     cols["threshold"] = np.full(len(ids), threshold)
     target = schema.arrow_schema(schema.ROUTED)
     if signals is not None:
-        signals = signals.filter(keep)
+        signals = signals.filter(keep) if len(signals) != len(ids) else signals
         cols.update({name: signals.column(name) for name in signals.column_names})
     if prefix_rows == "rl" and "demo" in cols:
         rl = pa.array(cols["route"] == "rl")
