@@ -14,7 +14,15 @@ What is measured, per size N, each in a fresh Python process (so peak RSS belong
           sft/rl Arrow shards, the quarantine file (streamed) and manifest.json.
 Not measured: tokenize and the gradient probe (model-bound; see probe_bench.py). Their cache shards are
 written between the two timed phases with synthetic values (`--modules` gradient norms per record) in
-the same layout the pipeline uses, so route reads exactly what it reads after a real run.
+the same layout the pipeline uses, so route reads exactly what it reads after a real run: that
+includes the concentration metrics (gini, cv, kurtosis, magnitude) the probe stage stores beside its
+norms.
+
+Ingest starts its JSON-lines parse helpers (one per CPU) when the input has 8 MiB or more: the 200k
+input (66 MB) uses them, the 20k one (6.6 MB) is parsed in the calling process. `parse_helpers` says
+which; `helper_peak_rss_mb` is the largest helper's own peak RSS (0 without helpers). Each size runs
+`--repeat` times, each in a fresh process; the median run is reported with every run's records/s, since
+a shared 2-core machine varies by ±20% from run to run.
 
 Libraries a real run has loaded by route time (torch, transformers, datasets: their versions go into
 the manifest) are imported before the baseline. records/s = N / (ingest_s + route_s). peak_rss_mb is the process's high-water mark (ru_maxrss), measured
@@ -78,6 +86,7 @@ def synthetic_signal_shards(ing: dict, work: Path, n_modules: int) -> tuple[list
     import pyarrow as pa
 
     from curate.io.atomic import write_arrow
+    from curate.stages import route
 
     rng = np.random.default_rng(0)
     tok, prb = [], []
@@ -87,14 +96,35 @@ def synthetic_signal_shards(ing: dict, work: Path, n_modules: int) -> tuple[list
         tokens = pa.table({"n_tokens": n_tokens, "n_loss_tokens": n_tokens // 2,
                            "truncated": np.zeros(n, bool), "token_error": pa.nulls(n, pa.string())})
         norms = rng.gamma(2.0, 1.0, (n, n_modules)).astype(np.float32)
-        probe = pa.table({"probe_loss": rng.random(n, np.float32),
-                          "grad_norms": pa.FixedSizeListArray.from_arrays(norms.ravel(), n_modules).cast(
-                              pa.list_(pa.float32())),
-                          "grad_norm_total": np.linalg.norm(norms, axis=1).astype(np.float32)})
+        grad_norms = pa.FixedSizeListArray.from_arrays(norms.ravel(), n_modules).cast(pa.list_(pa.float32()))
+        probe = pa.table({"probe_loss": rng.random(n, np.float32), "grad_norms": grad_norms,
+                          "grad_norm_total": np.linalg.norm(norms, axis=1).astype(np.float32),
+                          **route.norm_metric_columns(grad_norms)})  # as the probe stage writes them
         for folder, table, out in (("tokenize", tokens, tok), ("probe", probe, prb)):
             path = work / folder / f"part-{i:05d}.arrow"
             out.append({"path": str(path), "sha256": write_arrow(path, table), "rows": n})
     return tok, prb
+
+
+HELPER_PEAKS_MB: list[float] = []
+
+
+def record_helper_peaks() -> None:
+    """Each parse helper's peak RSS (VmHWM, Linux), read just before it is closed. (ru_maxrss of
+    children would report the parent's size at fork instead.)"""
+    from curate.stages import ingest_pool
+
+    close = ingest_pool.Helper.close
+
+    def close_and_record(helper, kill: bool = False) -> None:
+        try:
+            status = Path(f"/proc/{helper.proc.pid}/status").read_text()
+            HELPER_PEAKS_MB.append(int(status.split("VmHWM:")[1].split()[0]) / 1024)
+        except (OSError, IndexError, ValueError):
+            pass
+        close(helper, kill)
+
+    ingest_pool.Helper.close = close_and_record
 
 
 def rss_mb() -> float:
@@ -106,9 +136,11 @@ def one_size(n: int, shard_size: int, n_modules: int) -> dict:
     from curate.config import PrismConfig
     from curate.io import routed
     from curate.pipeline import run_ingest
+    from curate.stages.ingest import helper_count
     from curate.stages.route import RouteConfig
 
     routed.versions()  # imports torch/transformers/datasets, as a real run has by route time: not timed
+    record_helper_peaks()
     baseline = rss_mb()
     with tempfile.TemporaryDirectory(prefix="curate-scale-") as tmp:
         tmp = Path(tmp)
@@ -124,13 +156,16 @@ def one_size(n: int, shard_size: int, n_modules: int) -> dict:
         t0 = time.perf_counter()
         manifest = routed.write(state, RouteConfig(), Path(cfg.out))
         t_route = time.perf_counter() - t0
+        helpers = helper_count(cfg.ingest())
     c = manifest["counts"]
     return {"records": n, "kinds": kinds, "counts": {k: c[k] for k in ("input", "sft", "rl", "quarantined", "duplicates")},
-            "shards": len(ing["shards"]), "ingest_s": round(t_ingest, 3), "route_s": round(t_route, 3),
+            "shards": len(ing["shards"]), "parse_helpers": helpers,
+            "ingest_s": round(t_ingest, 3), "route_s": round(t_route, 3),
             "ingest_records_per_s": round(n / t_ingest), "route_records_per_s": round(n / t_route),
             "records_per_s": round(n / (t_ingest + t_route)),
             "baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(rss_mb(), 1),
-            "peak_minus_baseline_mb": round(rss_mb() - baseline, 1)}
+            "peak_minus_baseline_mb": round(rss_mb() - baseline, 1),
+            "helper_peak_rss_mb": round(max(HELPER_PEAKS_MB, default=0.0), 1)}
 
 
 def main() -> None:
@@ -138,6 +173,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
     ap.add_argument("--shard-size", type=int, default=4096)
     ap.add_argument("--modules", type=int, default=210, help="gradient norms per record (SmolLM2: 210)")
+    ap.add_argument("--repeat", type=int, default=3, help="fresh-process runs per size; the median one is shown")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
     args = ap.parse_args()
     if args.one:
@@ -145,13 +181,20 @@ def main() -> None:
         return
     results = []
     for n in args.sizes:
-        print(f"scale_bench: {n} records ...", file=sys.stderr)
-        cmd = [sys.executable, __file__, "--one", str(n), "--shard-size", str(args.shard_size),
-               "--modules", str(args.modules)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        runs = []
+        for r in range(args.repeat):
+            print(f"scale_bench: {n} records, run {r + 1}/{args.repeat} ...", file=sys.stderr)
+            cmd = [sys.executable, __file__, "--one", str(n), "--shard-size", str(args.shard_size),
+                   "--modules", str(args.modules)]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        runs.sort(key=lambda run: run["records_per_s"])
+        median = dict(runs[len(runs) // 2])  # the run with the median ingest + route speed, and the spread
+        median["records_per_s_all_runs"] = [run["records_per_s"] for run in runs]
+        results.append(median)
     print(json.dumps({"benchmark": "scale", "what": "ingest + route (tokenize/probe shards synthetic)",
-                      "shard_size": args.shard_size, "modules": args.modules, "sizes": results,
+                      "shard_size": args.shard_size, "modules": args.modules, "repeat": args.repeat,
+                      "sizes": results,
                       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                   "python": platform.python_version(), "loadavg_1m": os.getloadavg()[0]}},
                      indent=2))

@@ -57,3 +57,4 @@ PROBE_COLUMNS = ("probe_loss", "grad_norms", "grad_norm_total")
 SCORE_COLUMNS = ("gini", "cv", "kurtosis", "magnitude", "random")
 PREFIX_COLUMNS = ("demo", "demo_len_tokens", "cut_points")
 METRICS = ("gini", "cv", "kurtosis", "magnitude", "random")
+NORM_METRICS = ("gini", "cv", "kurtosis", "magnitude")  # functions of the norms alone: the probe stores them

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,18 +101,21 @@ def test_limit_stops_at_the_same_record_with_or_without_helpers(inputs, tmp_path
     assert res.counts["input"] == len(kept) + res.counts["duplicates"] + len(bad)
 
 
-def test_a_helper_that_dies_has_its_chunk_redone(shared_data, monkeypatch):
+@pytest.mark.parametrize("when", ["before its chunks are sent", "holding chunks"])
+def test_a_helper_that_dies_has_its_chunks_redone(shared_data, when):
     path = shared_data / "gsm8k" / "train.lines1-2000.jsonl"
     chunks = list(readers.read_json_line_chunks(path, 20_000, ingest_chunks.continues("auto")))
-    expected = [ingest_chunks.normalize_lines(str(path), s, b"".join(lines), "auto") for s, lines in chunks]
+    expected = [ingest_chunks.normalize_lines(str(path), s, data, "auto") for s, data in chunks]
     with HelperPool(2, "auto") as pool:
-        results = pool.map(str(path), chunks)
-        got = [next(results)]
-        victim = pool.busy[0][0].proc  # the helper holding the next chunk
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-        got += list(results)
-        assert pool.lost == 1
+        victim = pool.helpers[0].proc  # the first chunks go to it
+        if when == "holding chunks":  # stopped, it cannot answer before the kill: the parent waits on it
+            os.kill(victim.pid, signal.SIGSTOP)
+            threading.Timer(0.5, os.kill, (victim.pid, signal.SIGKILL)).start()
+        else:
+            victim.kill()
+            victim.wait()
+        got = list(pool.map(str(path), chunks))
+        assert pool.lost == 1 and len(pool.helpers) == 1
     assert len(got) == len(expected) > 10
     for a, b in zip(got, expected):
         assert a.records.equals(b.records) and a.bad == b.bad
@@ -122,10 +126,10 @@ def test_chunks_never_end_inside_a_session(shared_data):
     continues = ingest_chunks.continues("auto")
     chunks = list(readers.read_json_line_chunks(path, 1, continues))
     lines = path.read_bytes().splitlines(keepends=True)
-    assert [line for _, part in chunks for line in part] == lines
-    assert [s for s, _ in chunks] == [0] + list(itertools.accumulate(len(p) for _, p in chunks))[:-1]
-    for _, part in chunks[:-1]:
-        assert not continues(part[-1], 1)  # a page visit (or blank) would go on in the next chunk
+    assert b"".join(data for _, data in chunks) == path.read_bytes()
+    assert [s for s, _ in chunks] == [0] + list(itertools.accumulate(d.count(b"\n") for _, d in chunks))[:-1]
+    for _, data in chunks[:-1]:
+        assert not continues(data.splitlines(keepends=True)[-1], False)  # a page visit would go on
     assert len(chunks) < len(lines)  # sessions of several lines were kept together
 
 
@@ -142,7 +146,7 @@ def _running(pid: int) -> bool:
 def test_helpers_exit_when_their_parent_is_killed():
     """A SIGKILLed ingest leaves no helper behind: each one reads end-of-file on its stdin and exits."""
     script = ("import sys, time; from curate.stages.ingest_pool import HelperPool\n"
-              "pool = HelperPool(2, 'auto'); print(*[h.proc.pid for h in pool.idle], flush=True); time.sleep(60)")
+              "pool = HelperPool(2, 'auto'); print(*[h.proc.pid for h in pool.helpers], flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])
     pids = [int(p) for p in parent.stdout.readline().split()]

@@ -6,12 +6,13 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 import torch
 
-from curate import chat, models
+from curate import chat, concentration, models
 from curate.cli import main
-from curate.io.atomic import read_arrow
+from curate.io.atomic import read_arrow, write_arrow
 from curate.schema import load_json_schema
 from tests.test_gradients import naive_norms
 
@@ -119,6 +120,37 @@ def test_reroute_uses_cached_gradients(raw_dir, tmp_path, tiny_model_dir):
     assert all(r["score"] == r["cv"] for r in rows)
     assert sum(r["route"] == "rl" for r in rows) == 3  # quantile 0.25 of 9 -> 3 low scores, reversed to rl
     assert {p: p.stat().st_mtime_ns for p in (out / ".work" / "probe").glob("*.arrow")} == probe_files
+
+
+def test_probe_stores_the_norm_metrics_and_routing_without_them_is_the_same(raw_dir, tmp_path, tiny_model_dir):
+    """The probe stage writes gini/cv/kurtosis/magnitude beside its norms; routing reads them. An older
+    cache without them is routed to the same bytes (route computes them), for every metric."""
+    out = tmp_path / "routed"
+    prism(raw_dir, out, tiny_model_dir)
+    probe_files = sorted((out / ".work" / "probe").glob("*.arrow"))
+    for f in probe_files:
+        t = read_arrow(f)
+        valid = t.filter(pa.compute.is_valid(t.column("grad_norms")))
+        norms = np.array(valid.column("grad_norms").to_pylist(), np.float64)
+        for name, fn in (("gini", concentration.gini), ("cv", concentration.cv),
+                         ("kurtosis", concentration.kurtosis), ("magnitude", concentration.magnitude)):
+            np.testing.assert_allclose(valid.column(name).to_numpy(), fn(norms), rtol=1e-6)
+        assert t.column("gini").null_count == t.column("grad_norms").null_count
+    for metric in ("gini", "kurtosis"):
+        with_metrics = tmp_path / f"with-{metric}"
+        assert main(["route", "--work", str(out / ".work"), "--out", str(with_metrics), "--metric", metric]) == 0
+        old_cache = tmp_path / f"old-cache-{metric}"
+        shutil.copytree(out / ".work", old_cache)
+        for f in sorted((old_cache / "probe").glob("*.arrow")):
+            t = read_arrow(f)
+            write_arrow(f, t.select(["probe_loss", "grad_norms", "grad_norm_total"]))
+        state = json.loads((old_cache / "state.json").read_text().replace(str(out / ".work"), str(old_cache)))
+        (old_cache / "state.json").write_text(json.dumps(state))
+        without = tmp_path / f"without-{metric}"
+        assert main(["route", "--work", str(old_cache), "--out", str(without), "--metric", metric]) == 0
+        for part in ("sft", "rl"):
+            a = sorted((with_metrics / part).glob("*.arrow"))
+            assert a and [f.read_bytes() for f in a] == [(without / part / f.name).read_bytes() for f in a]
 
 
 def test_reroute_from_another_directory(raw_dir, tmp_path, tiny_model_dir, monkeypatch):

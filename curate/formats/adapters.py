@@ -29,6 +29,7 @@ from curate.formats.conversations import (
     convert_sharegpt,
 )
 from curate.formats.records import (
+    ROLES,
     BadRecord,
     Normalized,
     as_ground_truth,
@@ -149,6 +150,9 @@ def record_id(n: Normalized) -> str:
     return hashlib.sha256(canonical_json(n).encode("utf-8")).hexdigest()[:32]
 
 
+_ROLE_JSON = {role: _encode_str(role) for role in ROLES}  # encoded once: every message has one
+
+
 def canonical_json(n: Normalized) -> str:
     """`json.dumps({"messages", "ground_truth", "reward"}, sort_keys=True, ensure_ascii=False,
     separators=(",", ":"))`, assembled from json's own C string encoder: the same text, several times
@@ -162,7 +166,7 @@ def canonical_json(n: Normalized) -> str:
         if len(m) != 2 or type(role) is not str or type(content) is not str:
             simple = False
             break
-        parts.append(f'{{"content":{enc(content)},"role":{enc(role)}}}')
+        parts.append(f'{{"content":{enc(content)},"role":{_ROLE_JSON.get(role) or enc(role)}}}')
     if not simple:
         return json.dumps({"messages": n.messages, "ground_truth": n.ground_truth, "reward": n.reward},
                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))

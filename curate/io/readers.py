@@ -187,12 +187,12 @@ def _read_json_lines(path: Path) -> Iterator[tuple[int, dict | RawError]]:
 
 
 def read_json_line_chunks(
-    path: Path, chunk_bytes: int, continues: Callable[[bytes, int], bool]
-) -> Iterator[tuple[int, list[bytes]]]:
-    """A JSON-lines file as (index of the first line, its raw lines) chunks of about `chunk_bytes`, for
-    ingest to parse in parallel. A chunk never ends on a line for which `continues(line, index)` holds
+    path: Path, chunk_bytes: int, continues: Callable[[bytes, bool], bool]
+) -> Iterator[tuple[int, bytes]]:
+    """A JSON-lines file as (index of the first line, whole lines) chunks of about `chunk_bytes`, for
+    ingest to parse in parallel. A chunk never ends on a line for which `continues(line, first)` holds
     (a blank line, or a WebShop page visit whose session may go on), so nothing that must be read
-    together is split. Errors are raised as `read_records` raises them, after the lines read so far."""
+    together is split. Errors are raised as `read_records` raises them, after the lines before them."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -202,22 +202,44 @@ def read_json_line_chunks(
     return _primed(_guard(path, _line_chunks(path, chunk_bytes, continues)))
 
 
-def _line_chunks(path: Path, chunk_bytes: int, continues: Callable[[bytes, int], bool]):
-    start, lines, size = 0, [], 0
+def _line_chunks(path: Path, chunk_bytes: int, continues: Callable[[bytes, bool], bool]):
+    start, offset = 0, 0  # line index and byte offset (uncompressed) where the next chunk begins
+    with _open_binary(path) as f:
+        while True:
+            try:
+                data = f.read(chunk_bytes) + f.readline()  # read in C; then up to the end of a line
+                while data and continues(*_last_line(data, start)):
+                    line = f.readline()
+                    if not line:
+                        break
+                    data += line
+            except Exception:
+                yield from _salvage(path, start, offset)  # the whole lines before the break, as before
+                raise
+            if not data:
+                return
+            yield start, data
+            start, offset = start + data.count(b"\n"), offset + len(data)
+
+
+def _last_line(data: bytes, start: int) -> tuple[bytes, bool]:
+    """The last non-blank line of a chunk (with the blank ones after it) and whether it is the file's first."""
+    begin = data.rstrip(b"\n").rfind(b"\n") + 1
+    return data[begin:], start == 0 and begin == 0
+
+
+def _salvage(path: Path, start: int, offset: int) -> Iterator[tuple[int, bytes]]:
+    """After a read error in a block: reread it line by line and yield what precedes the error."""
+    lines = []
     with _open_binary(path) as f:
         try:
-            for index, line in enumerate(f):
+            f.seek(offset)
+            for line in f:
                 lines.append(line)
-                size += len(line)
-                if size >= chunk_bytes and not continues(line, index):
-                    yield start, lines
-                    start, lines, size = index + 1, [], 0
         except Exception:
-            if lines:  # what was read before a broken stream still counts, as it does line by line
-                yield start, lines
-            raise
+            pass
     if lines:
-        yield start, lines
+        yield start, b"".join(lines)
 
 
 def parse_json_line(line: bytes, first: bool = False) -> dict | RawError | None:

@@ -42,7 +42,10 @@ def _signal_columns(paths: list[str]) -> pa.Table | None:
 
 def _shard_scores(paths: tuple, cfg: route.RouteConfig) -> np.ndarray:
     ing, _, prb, _ = paths
-    norms = read_arrow(prb, ["grad_norms"]).column("grad_norms")
+    probe = read_arrow(prb)  # memory-mapped: columns not used are not read
+    if cfg.metric in probe.column_names:  # stored by the probe stage (older caches: computed here)
+        return probe.column(cfg.metric).drop_null().to_numpy()
+    norms = probe.column("grad_norms")
     ids = read_arrow(ing, ["id"]).column("id")
     if norms.null_count:
         ids, norms = ids.filter(pc.invert(pc.is_null(norms))), norms.drop_null()

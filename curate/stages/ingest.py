@@ -129,12 +129,17 @@ def _ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
     seen: set[str] = set()
     shards = _Shards(config.shard_size, write_shard)
     for result in _chunk_results(config, res.skipped, pool):
-        records, bad, keep, limited = result.records, result.bad, [], False
-        for rid in records.column("id").to_pylist():
-            keep.append(rid not in seen)
-            seen.add(rid)
-            if limited := config.limit is not None and len(seen) >= config.limit:
-                break
+        records, bad, limited = result.records, result.bad, False
+        ids = records.column("id").to_pylist()
+        if config.limit is None:
+            keep = [rid not in seen and not seen.add(rid) for rid in ids]  # first occurrences (add: None)
+        else:
+            keep = []
+            for rid in ids:
+                keep.append(rid not in seen)
+                seen.add(rid)
+                if limited := len(seen) >= config.limit:
+                    break
         if limited:  # --limit reads no further than its last record, so the counts still reconcile
             records = records.slice(0, len(keep))
             last = records.column("source_index")[-1].as_py()
@@ -177,8 +182,8 @@ def _file_chunks(path: Path, fmt: str, pool: HelperPool | None) -> Iterator[chun
     if pool is not None:
         yield from pool.map(source, lines)
     else:
-        for start, part in lines:
-            yield chunks.normalize_lines(source, start, b"".join(part), fmt)
+        for start, data in lines:
+            yield chunks.normalize_lines(source, start, data, fmt)
 
 
 def _is_jsonl(path: Path) -> bool:

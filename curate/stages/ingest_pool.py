@@ -3,9 +3,13 @@
 Each helper is `python -m curate.stages.ingest_pool FORMAT`: it reads chunks on stdin and answers each
 with its `ChunkResult` frame on stdout. Plain pipes rather than multiprocessing: nothing is pickled,
 the caller's script needs no `__main__` guard, and a helper whose parent dies reads end-of-file and
-exits. Each helper holds one chunk at a time and results are taken oldest first, so they come back in
-input order and neither side can block the other on a full pipe. A helper that dies has its chunk
-redone in this process: the output does not change."""
+exits.
+
+Results are taken oldest first, so they come back in input order. A helper is sent another chunk
+only while everything it has not answered fits in its stdin pipe (widened to 1 MiB where Linux
+allows): the write then never waits on the helper, so neither side can block the other, and a
+helper has its next chunk queued while the parent handles the last result. A helper that dies has
+its chunks redone in this process: the output does not change."""
 
 from __future__ import annotations
 
@@ -23,12 +27,25 @@ from pathlib import Path
 from curate.stages.ingest_chunks import ChunkResult, encode, normalize_lines, read_encoded
 
 _REQUEST = struct.Struct("<QQQ")  # source length, first line's index, data length
+_PIPE_BYTES = 1 << 20             # the default /proc/sys/fs/pipe-max-size
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 log = logging.getLogger(__name__)
+
+Chunk = tuple[str, int, bytes]  # source, first line's index, the lines
 
 
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _widen(fd: int) -> int:
+    """The pipe's capacity after asking for _PIPE_BYTES (Linux only; elsewhere the 64 KiB default)."""
+    try:
+        import fcntl
+
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        return 1 << 16
 
 
 class Helper:
@@ -37,19 +54,30 @@ class Helper:
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", __name__, fmt], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        self.capacity = _widen(self.proc.stdin.fileno())
+        _widen(self.proc.stdout.fileno())  # a finished result waits in the pipe, not in the helper
+        self.unanswered = 0  # bytes sent that have no answer yet
 
-    def send(self, source: str, start: int, data: bytes) -> bool:
+    def can_take(self, chunk: Chunk) -> bool:
+        """Idle, or the chunk fits beside the unanswered ones: the write cannot block."""
+        return self.unanswered == 0 or self.unanswered + _size(chunk) <= self.capacity
+
+    def send(self, chunk: Chunk) -> bool:
+        source, start, data = chunk
         name = source.encode()
         try:
             self.proc.stdin.write(_REQUEST.pack(len(name), start, len(data)) + name)
             self.proc.stdin.write(data)
             self.proc.stdin.flush()
-            return True
-        except (BrokenPipeError, OSError):
+        except OSError:  # BrokenPipeError: it died
             return False
+        self.unanswered += _size(chunk)
+        return True
 
-    def receive(self) -> ChunkResult | None:
-        return read_encoded(self.proc.stdout.read)
+    def receive(self, chunk: Chunk) -> ChunkResult | None:
+        result = read_encoded(self.proc.stdout.read)
+        self.unanswered -= _size(chunk)
+        return result
 
     def close(self, kill: bool = False) -> None:
         if kill:
@@ -63,54 +91,83 @@ class Helper:
         self.stderr.close()
 
 
+def _size(chunk: Chunk) -> int:
+    return _REQUEST.size + len(chunk[0].encode()) + len(chunk[2])
+
+
 class HelperPool:
     """`with HelperPool(n, fmt) as pool: for result in pool.map(source, chunks): ...`"""
 
     def __init__(self, n: int, fmt: str):
         self.fmt, self.lost = fmt, 0  # lost: helpers that could not start or died
-        self.idle: collections.deque = collections.deque()
-        self.busy: collections.deque = collections.deque()  # (helper or None: here, chunk), oldest first
+        self.helpers: list[Helper] = []
+        self.pending: collections.deque = collections.deque()  # (helper or None: here, chunk), oldest first
         for _ in range(n):
             try:
-                self.idle.append(Helper(fmt))
+                self.helpers.append(Helper(fmt))
             except OSError as e:  # no usable interpreter to start: parse here instead
                 self.lost += 1
                 log.warning("ingest: could not start a helper process (%s); parsing in this process", e)
 
-    def map(self, source: str, chunks: Iterable[tuple[int, list[bytes]]]) -> Iterator[ChunkResult]:
-        """Results of `ingest_chunks.normalize_lines` for each chunk, in order. If `chunks` raises, the
-        results of the chunks before it are yielded first."""
+    def map(self, source: str, chunks: Iterable[tuple[int, bytes]]) -> Iterator[ChunkResult]:
+        """Results of `ingest_chunks.normalize_lines` for each (first line's index, lines) chunk, in
+        order. If `chunks` raises, the results of the chunks before it are yielded first."""
+        todo = ((source, start, data) for start, data in chunks)
+        failure: list[Exception] = []
+
+        def pull() -> Chunk | None:
+            if failure:
+                return None
+            try:
+                return next(todo, None)
+            except Exception as e:  # an unreadable file: what came before it still counts
+                failure.append(e)
+                return None
+
+        chunk = pull()
         try:
-            for start, lines in chunks:
-                chunk = (source, start, b"".join(lines))
-                while not self.idle and self.busy:
-                    yield self._oldest()
-                helper = self.idle.popleft() if self.idle else None  # None: every helper died
-                if helper and not helper.send(*chunk):
-                    self._lose(helper)
-                    helper = None
-                self.busy.append((helper, chunk))
+            while chunk is not None or self.pending:
+                if chunk is not None and self._place(chunk):
+                    chunk = pull()
+                    continue
+                result = self._oldest()
+                while chunk is not None and self._place(chunk):  # refill helpers before handing it out
+                    chunk = pull()
+                yield result
         except GeneratorExit:  # the caller stopped early (--limit): in-flight results are not wanted
-            for helper, _ in self.busy:
-                if helper:
-                    helper.close(kill=True)
-            self.busy.clear()
+            for helper in {h for h, _ in self.pending if h in self.helpers}:
+                self.helpers.remove(helper)
+                helper.close(kill=True)
+            self.pending.clear()
             raise
-        except Exception:
-            while self.busy:
-                yield self._oldest()
-            raise
-        while self.busy:
-            yield self._oldest()
+        if failure:
+            raise failure[0]
+
+    def _place(self, chunk: Chunk) -> bool:
+        """Send the chunk to the least loaded helper that can take it without waiting; with no helper
+        left, queue it to be done here, one at a time. False: not now."""
+        if not self.helpers:
+            if self.pending:
+                return False
+            self.pending.append((None, chunk))
+            return True
+        for helper in sorted(self.helpers, key=lambda h: h.unanswered):
+            if helper.can_take(chunk):
+                if helper.send(chunk):
+                    self.pending.append((helper, chunk))
+                else:
+                    self._lose(helper)
+                    self.pending.append((None, chunk))
+                return True
+        return False
 
     def _oldest(self) -> ChunkResult:
-        helper, chunk = self.busy.popleft()
-        result = helper.receive() if helper else None
+        helper, chunk = self.pending.popleft()
+        result = helper.receive(chunk) if helper in self.helpers else None
         if result is None:  # it died (killed, out of memory): redo its chunk here, in its place
-            if helper:
+            if helper in self.helpers:
                 self._lose(helper)
             return normalize_lines(*chunk, self.fmt)
-        self.idle.append(helper)
         return result
 
     def _lose(self, helper: Helper) -> None:
@@ -118,18 +175,16 @@ class HelperPool:
         helper.stderr.seek(0)
         why = helper.stderr.read()[-2000:].decode(errors="replace").strip()
         helper.close(kill=True)
+        self.helpers.remove(helper)
         self.lost += 1
-        log.warning("ingest: a helper process died (exit code %s)%s; its chunk is redone in this process",
+        log.warning("ingest: a helper process died (exit code %s)%s; its chunks are redone in this process",
                     code, f": {why}" if why else "")
 
     def close(self) -> None:
-        for helper, _ in self.busy:
-            if helper:
-                helper.close(kill=True)
-        for helper in self.idle:
-            helper.close()
-        self.busy.clear()
-        self.idle.clear()
+        for helper in self.helpers:
+            helper.close(kill=any(h is helper for h, _ in self.pending))
+        self.helpers.clear()
+        self.pending.clear()
 
     def __enter__(self) -> HelperPool:
         return self

@@ -15,7 +15,8 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from curate import gradients, models
+from curate import gradients, models, schema
+from curate.stages import route
 from curate.stages.base import Stage
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,7 +57,7 @@ class Probe(Stage):
     name = "probe"
     reads = ("input_ids", "loss_mask", "token_error")
     writes = pa.schema([("probe_loss", pa.float32()), ("grad_norms", pa.list_(pa.float32())),
-                        ("grad_norm_total", pa.float32())])
+                        ("grad_norm_total", pa.float32())] + [(m, pa.float32()) for m in schema.NORM_METRICS])
 
     def identity(self) -> dict:
         c = self.config
@@ -100,6 +101,8 @@ class Probe(Stage):
                                    type=pa.list_(pa.float32())),
             "grad_norm_total": pa.array(total.astype(np.float32), mask=np.isnan(total)),
         })
+        for name, column in route.norm_metric_columns(out.column("grad_norms")).items():
+            out = out.append_column(name, column)
         return self.check(shard, out)
 
 

@@ -35,8 +35,22 @@ def scores(ids: list[str], grad_norms: pa.ChunkedArray | pa.Array, seed: int,
     first), as the float32 values the columns hold: the threshold is then one of those values and
     compares exactly."""
     g = pc.list_flatten(grad_norms).to_numpy(zero_copy_only=False)  # float32: each metric upcasts as it needs
-    g = g.reshape(len(ids), -1) if len(ids) else g.reshape(0, 0)
+    g = g.reshape(len(grad_norms), -1) if len(grad_norms) else g.reshape(0, 0)
     return {k: v.astype(np.float32) for k, v in concentration.all_metrics(g, ids, seed, names).items()}
+
+
+def norm_metric_columns(grad_norms: pa.ChunkedArray | pa.Array) -> dict[str, pa.Array]:
+    """schema.NORM_METRICS as float32 columns, null where the norms are (rows the probe could not
+    score). The probe stage stores them beside its norms, per shard, so routing (and every re-route)
+    reads them instead of recomputing; they are the values `scores` gives."""
+    valid = pc.is_valid(grad_norms).to_numpy(zero_copy_only=False)
+    values = scores([], grad_norms.drop_null() if grad_norms.null_count else grad_norms, 0, schema.NORM_METRICS)
+    columns = {}
+    for name, v in values.items():
+        full = np.zeros(len(valid), np.float32)
+        full[valid] = v
+        columns[name] = pa.array(full, mask=~valid)
+    return columns
 
 
 def corpus_threshold(values: np.ndarray, config: RouteConfig) -> float:
@@ -65,7 +79,7 @@ def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold:
     if probe.column("grad_norms").null_count:  # else filtering would only copy every column
         records, tokens, probe = records.filter(keep), tokens.filter(keep), probe.filter(keep)
     ids = records.column("id").to_pylist()
-    known = known or {}
+    known = {m: probe.column(m).to_numpy() for m in schema.NORM_METRICS if m in probe.column_names} | (known or {})
     metrics = scores(ids, probe.column("grad_norms"), config.seed, tuple(m for m in schema.METRICS if m not in known))
     metrics = {m: known[m] if m in known else metrics[m] for m in schema.METRICS}
     cols = {name: records.column(name) for name in schema.columns(schema.RECORD)}
