@@ -22,7 +22,8 @@ Ingest starts its JSON-lines parse helpers (one per CPU) when the input has 8 Mi
 input (66 MB) uses them, the 20k one (6.6 MB) is parsed in the calling process. `parse_helpers` says
 which; `helper_peak_rss_mb` is the largest helper's own peak RSS (0 without helpers). Each size runs
 `--repeat` times, each in a fresh process; the median run is reported with every run's records/s, since
-a shared 2-core machine varies by ±20% from run to run.
+a shared 2-core machine varies by ±20% from run to run. `calibration_us_per_record` (a fixed
+single-process parse, measured just before each run) shows how fast the machine was at the time.
 
 Libraries a real run has loaded by route time (torch, transformers, datasets: their versions go into
 the manifest) are imported before the baseline. records/s = N / (ingest_s + route_s). peak_rss_mb is the process's high-water mark (ru_maxrss), measured
@@ -127,6 +128,23 @@ def record_helper_peaks() -> None:
     ingest_pool.Helper.close = close_and_record
 
 
+def calibration_us(tmp: Path) -> float:
+    """This machine's speed right now: the best of 5 single-process parses of the same 5,000 synthetic
+    records, in µs a record. Throughput moves with it; compare runs by it."""
+    from curate.stages.ingest_chunks import normalize_lines
+
+    synthetic_jsonl(tmp / "calibration.jsonl", 5000, seed=1)
+    data = (tmp / "calibration.jsonl").read_bytes()
+    best = min(_timed(normalize_lines, "calibration", 0, data, "auto") for _ in range(5))
+    return round(best / 5000 * 1e6, 2)
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -144,6 +162,7 @@ def one_size(n: int, shard_size: int, n_modules: int) -> dict:
     baseline = rss_mb()
     with tempfile.TemporaryDirectory(prefix="curate-scale-") as tmp:
         tmp = Path(tmp)
+        calibration = calibration_us(tmp)
         kinds = synthetic_jsonl(tmp / "input.jsonl", n)
         cfg = PrismConfig(input=[str(tmp / "input.jsonl")], out=str(tmp / "routed"), shard_size=shard_size)
         t0 = time.perf_counter()
@@ -159,7 +178,7 @@ def one_size(n: int, shard_size: int, n_modules: int) -> dict:
         helpers = helper_count(cfg.ingest())
     c = manifest["counts"]
     return {"records": n, "kinds": kinds, "counts": {k: c[k] for k in ("input", "sft", "rl", "quarantined", "duplicates")},
-            "shards": len(ing["shards"]), "parse_helpers": helpers,
+            "shards": len(ing["shards"]), "parse_helpers": helpers, "calibration_us_per_record": calibration,
             "ingest_s": round(t_ingest, 3), "route_s": round(t_route, 3),
             "ingest_records_per_s": round(n / t_ingest), "route_records_per_s": round(n / t_route),
             "records_per_s": round(n / (t_ingest + t_route)),
@@ -190,7 +209,7 @@ def main() -> None:
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         runs.sort(key=lambda run: run["records_per_s"])
         median = dict(runs[len(runs) // 2])  # the run with the median ingest + route speed, and the spread
-        median["records_per_s_all_runs"] = [run["records_per_s"] for run in runs]
+        median["all_runs"] = [{k: run[k] for k in ("records_per_s", "calibration_us_per_record")} for run in runs]
         results.append(median)
     print(json.dumps({"benchmark": "scale", "what": "ingest + route (tokenize/probe shards synthetic)",
                       "shard_size": args.shard_size, "modules": args.modules, "repeat": args.repeat,

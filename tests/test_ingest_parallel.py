@@ -157,3 +157,18 @@ def test_helpers_exit_when_their_parent_is_killed():
     while any(_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_running(p) for p in pids)
+
+
+def test_helpers_run_this_curate_whatever_the_working_directory(shared_data, tmp_path, monkeypatch):
+    """A `curate/` folder in the working directory (another checkout) must not answer for the helpers."""
+    (tmp_path / "curate" / "stages").mkdir(parents=True)
+    for init in ("curate/__init__.py", "curate/stages/__init__.py"):
+        (tmp_path / init).write_text("raise ImportError('the wrong curate')\n")
+    monkeypatch.chdir(tmp_path)
+    path = shared_data / "gsm8k" / "test.lines1-300.jsonl"
+    chunks = list(readers.read_json_line_chunks(path, 8_000, ingest_chunks.continues("auto")))
+    with HelperPool(2, "auto") as pool:
+        got = list(pool.map(str(path), chunks))
+        assert pool.lost == 0
+    expected = [ingest_chunks.normalize_lines(str(path), s, data, "auto") for s, data in chunks]
+    assert all(a.records.equals(b.records) and a.bad == b.bad for a, b in zip(got, expected))

@@ -204,8 +204,9 @@ def iter_normalized(
         if is_session_line(item, fmt):
             pending.append((index, item))
             continue
-        yield from _sessions(pending, path)
-        pending = []
+        if pending:
+            yield from _sessions(pending, path)
+            pending = []
         if isinstance(item, RawError):
             yield index, item.raw, BadRecord(item.reason)
         else:

@@ -44,7 +44,8 @@ def _shard_scores(paths: tuple, cfg: route.RouteConfig) -> np.ndarray:
     ing, _, prb, _ = paths
     probe = read_arrow(prb)  # memory-mapped: columns not used are not read
     if cfg.metric in probe.column_names:  # stored by the probe stage (older caches: computed here)
-        return probe.column(cfg.metric).drop_null().to_numpy()
+        # a copy: a view would keep the shard's memory map, and the pages it touched, for the whole run
+        return probe.column(cfg.metric).drop_null().to_numpy().copy()
     norms = probe.column("grad_norms")
     ids = read_arrow(ing, ["id"]).column("id")
     if norms.null_count:

@@ -97,30 +97,37 @@ def helper_count(config: IngestConfig) -> int:
 
 
 class _Shards:
-    """Rows in, shards of exactly `size` rows out (the last one shorter), numbered in order."""
+    """Rows in (a table and which of its rows to keep), shards of exactly `size` kept rows out (the
+    last one shorter), numbered in order. Each shard is one `take` from the tables it spans: one copy,
+    one record batch, whatever chunks its rows came from."""
 
     def __init__(self, size: int, write: Callable[[int, pa.Table], None]):
-        self.size, self.write, self.pending, self.rows, self.count = size, write, [], 0, 0
+        self.size, self.write, self.count = size, write, 0
+        self.pending: list[pa.Table] = []
+        self.rows = 0              # rows in `pending`
+        self.kept: list[int] = []  # indices of the kept ones, into their concatenation
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, keep: list[bool]) -> None:
+        self.kept += [self.rows + i for i, k in enumerate(keep) if k]
         self.pending.append(table)
         self.rows += table.num_rows
-        if self.rows >= self.size:
+        if len(self.kept) >= self.size:
             self._emit(final=False)
 
     def finish(self) -> int:
-        if self.rows:
+        if self.kept:
             self._emit(final=True)
         return self.count
 
     def _emit(self, final: bool) -> None:
-        table, offset = pa.concat_tables(self.pending), 0
-        while table.num_rows - offset >= (1 if final else self.size):
-            shard = table.slice(offset, self.size)
-            self.write(self.count, shard.combine_chunks())  # one record batch, whatever chunks it came from
-            self.count, offset = self.count + 1, offset + shard.num_rows
-        rest = table.slice(offset)
-        self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
+        table, done = pa.concat_tables(self.pending), 0
+        while len(self.kept) - done >= (1 if final else self.size):
+            self.write(self.count, table.take(self.kept[done:done + self.size]))
+            self.count, done = self.count + 1, min(done + self.size, len(self.kept))
+        first = self.kept[done] if done < len(self.kept) else table.num_rows  # keep what is not written
+        self.pending = [table.slice(first)] if first < table.num_rows else []
+        self.kept = [i - first for i in self.kept[done:]]
+        self.rows = table.num_rows - first
 
 
 def _ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
@@ -146,11 +153,10 @@ def _ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
             bad = [row for row in bad if row["source_index"] < last]
         for row in bad:
             sink(row)
-        n_new = sum(keep)
         res.counts["input"] += records.num_rows + len(bad)
         res.counts["quarantined"] += len(bad)
-        res.counts["duplicates"] += records.num_rows - n_new
-        shards.add(records if n_new == records.num_rows else records.filter(pa.array(keep)))
+        res.counts["duplicates"] += records.num_rows - sum(keep)
+        shards.add(records, keep)
         if limited:
             break
     res.counts["shards"] = shards.finish()

@@ -1,6 +1,6 @@
 """Helper processes that parse and normalise JSON-lines chunks for ingest, so it uses every core.
 
-Each helper is `python -m curate.stages.ingest_pool FORMAT`: it reads chunks on stdin and answers each
+Each helper is a Python process running `serve(FORMAT)`: it reads chunks on stdin and answers each
 with its `ChunkResult` frame on stdout. Plain pipes rather than multiprocessing: nothing is pickled,
 the caller's script needs no `__main__` guard, and a helper whose parent dies reads end-of-file and
 exits.
@@ -29,6 +29,10 @@ from curate.stages.ingest_chunks import ChunkResult, encode, normalize_lines, re
 _REQUEST = struct.Struct("<QQQ")  # source length, first line's index, data length
 _PIPE_BYTES = 1 << 20             # the default /proc/sys/fs/pipe-max-size
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+# The helper imports this very curate, first on its path: `python -m` would put the working directory
+# first, and a `curate/` folder there (another checkout, another version) would answer instead.
+_BOOT = ("import sys; sys.path[:] = [{root!r}] + [p for p in sys.path if p not in ('', '.')]; "
+         "from curate.stages.ingest_pool import serve; serve({fmt!r})")
 log = logging.getLogger(__name__)
 
 Chunk = tuple[str, int, bytes]  # source, first line's index, the lines
@@ -50,10 +54,9 @@ def _widen(fd: int) -> int:
 
 class Helper:
     def __init__(self, fmt: str):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", __name__, fmt], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT.format(root=_PACKAGE_ROOT, fmt=fmt)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
         self.capacity = _widen(self.proc.stdin.fileno())
         _widen(self.proc.stdout.fileno())  # a finished result waits in the pipe, not in the helper
         self.unanswered = 0  # bytes sent that have no answer yet
@@ -203,6 +206,3 @@ def serve(fmt: str) -> None:
         stdout.write(encode(normalize_lines(source, start, data, fmt)))
         stdout.flush()
 
-
-if __name__ == "__main__":
-    serve(sys.argv[1])
