@@ -6,7 +6,7 @@ the caller's script needs no `__main__` guard, and a helper whose parent dies re
 exits.
 
 Results are taken oldest first, so they come back in input order. A helper is sent another chunk
-only while everything it has not answered fits in its stdin pipe (widened to 1 MiB where Linux
+only while everything it has not answered fits in half its stdin pipe (widened to 1 MiB where Linux
 allows): the write then never waits on the helper, so neither side can block the other, and a
 helper has its next chunk queued while the parent handles the last result. A helper that dies has
 its chunks redone in this process: the output does not change."""
@@ -62,8 +62,9 @@ class Helper:
         self.unanswered = 0  # bytes sent that have no answer yet
 
     def can_take(self, chunk: Chunk) -> bool:
-        """Idle, or the chunk fits beside the unanswered ones: the write cannot block."""
-        return self.unanswered == 0 or self.unanswered + _size(chunk) <= self.capacity
+        """Idle, or the chunk fits beside the unanswered ones in half the pipe: the write cannot block
+        (the other half is slack for partly filled pipe pages)."""
+        return self.unanswered == 0 or self.unanswered + _size(chunk) <= self.capacity // 2
 
     def send(self, chunk: Chunk) -> bool:
         source, start, data = chunk
