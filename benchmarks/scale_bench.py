@@ -18,7 +18,7 @@ the same layout the pipeline uses, so route reads exactly what it reads after a 
 includes the concentration metrics (gini, cv, kurtosis, magnitude) the probe stage stores beside its
 norms.
 
-Ingest starts its JSON-lines parse helpers (one per CPU) when the input has 8 MiB or more: the 200k
+Ingest starts its JSON-lines parse helpers (one per CPU) when the input has 12 MiB or more: the 200k
 input (66 MB) uses them, the 20k one (6.6 MB) is parsed in the calling process. `parse_helpers` says
 which; `helper_peak_rss_mb` is the largest helper's own peak RSS (0 without helpers). Each size runs
 `--repeat` times, each in a fresh process; the median run is reported with every run's records/s, since

@@ -63,7 +63,7 @@ class RunOptions(JobPaths):
     scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
     force: bool = opt(False, "recompute every stage, ignoring the cache")
     skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")
-    parse_procs: int | None = opt(None, "helper processes parsing JSON lines in ingest (default: one per CPU when the input has 8 MiB or more; 0: none)")
+    parse_procs: int | None = opt(None, "helper processes parsing JSON lines in ingest (default: one per CPU when the input has 12 MiB or more; 0: none)")
     trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
 
 

@@ -27,8 +27,8 @@ from curate.io.atomic import file_sha256, stable_hash
 from curate.stages import ingest_chunks as chunks
 from curate.stages.ingest_pool import HelperPool, usable_cpus
 
-# Below this much JSON lines, starting helpers (~0.3 s) costs more than it saves.
-HELPERS_MIN_BYTES = 8 << 20
+# Below this much JSON lines, starting helpers (~0.25 s) costs more than it saves (break-even ~11 MiB).
+HELPERS_MIN_BYTES = 12 << 20
 
 
 @dataclass
