@@ -175,7 +175,7 @@ def one_size(n: int, shard_size: int, n_modules: int) -> dict:
         t0 = time.perf_counter()
         manifest = routed.write(state, RouteConfig(), Path(cfg.out))
         t_route = time.perf_counter() - t0
-        helpers = helper_count(cfg.ingest())
+        helpers = helper_count(cfg.ingest(), [Path(f["path"]) for f in ing["files"]])
     c = manifest["counts"]
     return {"records": n, "kinds": kinds, "counts": {k: c[k] for k in ("input", "sft", "rl", "quarantined", "duplicates")},
             "shards": len(ing["shards"]), "parse_helpers": helpers, "calibration_us_per_record": calibration,

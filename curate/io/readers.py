@@ -112,6 +112,11 @@ def _walk(folder: Path) -> Iterator[Path]:
             yield entry
 
 
+def is_json_lines(path: Path) -> bool:
+    """A JSON-lines file (`.jsonl`, `.jsonl.gz`): what ingest can cut into chunks of lines."""
+    return path.is_file() and _suffix(path) == ".jsonl"
+
+
 def _suffix(path: Path) -> str | None:
     """The base data suffix (".jsonl", ...) of a supported file name, ignoring ".gz"; else None."""
     name = path.name.lower()

@@ -82,17 +82,18 @@ def ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
     # about 25% faster ingest. Records hold no reference cycles, so nothing is missed meanwhile.
     gc.freeze()
     try:
-        n = helper_count(config)
+        units = [Path(f["path"]) for f in res.files]  # listed once, by the fingerprint
+        n = helper_count(config, units)
         with HelperPool(n, config.format) if n else nullcontext() as pool:
-            return _ingest(config, write_shard, quarantine, res, pool)
+            return _ingest(config, units, write_shard, quarantine, res, pool)
     finally:
         gc.unfreeze()
 
 
-def helper_count(config: IngestConfig) -> int:
+def helper_count(config: IngestConfig, units: list[Path]) -> int:
     if config.parse_procs is not None:
         return max(0, config.parse_procs)
-    jsonl = sum(p.stat().st_size for p in readers.list_input_files(config.inputs) if _is_jsonl(p))
+    jsonl = sum(p.stat().st_size for p in units if readers.is_json_lines(p))
     return usable_cpus() if usable_cpus() > 1 and jsonl >= HELPERS_MIN_BYTES else 0
 
 
@@ -130,12 +131,12 @@ class _Shards:
         self.rows = table.num_rows - first
 
 
-def _ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
+def _ingest(config: IngestConfig, units: list[Path], write_shard: Callable[[int, pa.Table], None],
             quarantine: Callable[[dict], None] | None, res: IngestResult, pool: HelperPool | None) -> IngestResult:
     sink = quarantine or res.quarantine.append
     seen: set[str] = set()
     shards = _Shards(config.shard_size, write_shard)
-    for result in _chunk_results(config, res.skipped, pool):
+    for result in _chunk_results(config, units, res.skipped, pool):
         records, bad, limited = result.records, result.bad, False
         ids = records.column("id").to_pylist()
         if config.limit is None:
@@ -164,9 +165,10 @@ def _ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
     return res
 
 
-def _chunk_results(config: IngestConfig, skipped: list[dict], pool: HelperPool | None) -> Iterator[chunks.ChunkResult]:
+def _chunk_results(config: IngestConfig, units: list[Path], skipped: list[dict],
+                   pool: HelperPool | None) -> Iterator[chunks.ChunkResult]:
     """Every readable file's records, chunk by chunk, in input order."""
-    for path in readers.list_input_files(config.inputs):
+    for path in units:
         n = 0
         try:
             for result in _file_chunks(path, config.format, pool):
@@ -180,7 +182,7 @@ def _chunk_results(config: IngestConfig, skipped: list[dict], pool: HelperPool |
 
 def _file_chunks(path: Path, fmt: str, pool: HelperPool | None) -> Iterator[chunks.ChunkResult]:
     source = str(path)
-    if not _is_jsonl(path):
+    if not readers.is_json_lines(path):
         for items in chunks.item_chunks(readers.read_records(path), fmt):
             yield chunks.normalize_items(source, items, fmt)
         return
@@ -191,6 +193,3 @@ def _file_chunks(path: Path, fmt: str, pool: HelperPool | None) -> Iterator[chun
         for start, data in lines:
             yield chunks.normalize_lines(source, start, data, fmt)
 
-
-def _is_jsonl(path: Path) -> bool:
-    return path.is_file() and path.name.lower().removesuffix(".gz").endswith(".jsonl")
