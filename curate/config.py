@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from curate import models
 from curate.generation import ENGINES, GenerationConfig
 from curate.gradients import DEFAULT_MODULES
 from curate.returns import ReturnConfig
@@ -44,7 +45,7 @@ class JobPaths:
 
     def ingest(self) -> IngestConfig:
         return IngestConfig(list(self.input), self.format, self.shard_size, self.limit, self.skip_bad_files,
-                            self.parse_procs)
+                            self.parse_procs, self.tools)
 
 
 class Sampling:
@@ -65,6 +66,7 @@ class RunOptions(JobPaths):
     skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")
     parse_procs: int | None = opt(None, "helper processes parsing JSON lines in ingest (default: one per CPU when the input has 12 MiB or more; 0: none)")
     trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
+    tools: str | None = opt(None, "JSON file of function schemas for every record without its own `tools` (e.g. tau-bench's airline_tools.json; skipped as input)")
 
 
 @dataclass
@@ -77,6 +79,7 @@ class PrismConfig(RunOptions):
     limit: int | None = opt(None, "use only the first N unique records")
     shard_size: int = opt(256, "records per shard (the unit of caching, resume and parallelism)")
     max_length: int | None = opt(2048, "tokens per example; longer ones lose the start of their context")
+    chat_template: str | None = opt(None, "Jinja chat template file (.jinja, or JSON with a chat_template key) used instead of the model's, e.g. for a base model without one")
     device: str = opt("auto", "where the probe runs", choices=("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "probe matmul precision (auto: fp32, exact; bf16/fp16: autocast, faster on GPUs, ~1e-2 error)", choices=("auto", "fp32", "bf16", "fp16"))
     batch_tokens: int = opt(4096, "padded tokens per probe batch (memory: ~1.7 MB a token for SmolLM2 in fp32)")
@@ -93,14 +96,17 @@ class PrismConfig(RunOptions):
 
     def signal_stages(self) -> list:
         """Optional per-record signal stages whose columns route joins: Prefix-RFT and reward model."""
+        # --chat-template belongs to the probe model: a separate --prefix-tokenizer keeps its own template
+        template = None if self.prefix_tokenizer else models.read_chat_template(self.chat_template)
         stages = [] if self.prefix == "none" else [Prefix(PrefixConfig(self.prefix_tokenizer or self.model,
-                                                                                  self.trust_remote_code))]
+                                                                       self.trust_remote_code, template))]
         if self.reward_model:
             stages.append(Reward(RewardConfig(self.reward_model, self.device, self.batch_tokens, self.trust_remote_code)))
         return stages
 
     def tokenize(self) -> TokenizeConfig:
-        return TokenizeConfig(self.model, self.max_length, self.trust_remote_code)
+        return TokenizeConfig(self.model, self.max_length, self.trust_remote_code,
+                              models.read_chat_template(self.chat_template))
 
     def probe(self) -> ProbeConfig:
         return ProbeConfig(self.model, self.device, self.dtype, self.batch_tokens, tuple(self.modules),

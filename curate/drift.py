@@ -23,6 +23,7 @@ from curate.config import DriftConfig
 from curate.executors import make_executor
 from curate.io.atomic import clean_stale_temps, read_arrow, stable_hash, write_arrow, write_json, write_jsonl
 from curate.io.routed import provenance, read_jsonl, swap_into_place
+from curate.messages import compact_all
 from curate.pipeline import run_ingest, run_sharded, timed
 from curate.report import try_write_report
 from curate.returns import ReturnConfig, trajectory_return
@@ -30,7 +31,7 @@ from curate.stages import weights as W
 from curate.stages.rollout import Rollout
 
 DRIFT = "drift"
-RECORD_COLUMNS = ("id", "source", "source_index", "format", "ground_truth", "reward")
+RECORD_COLUMNS = ("id", "source", "source_index", "format", "tools", "ground_truth", "reward")
 
 
 def final_assistant(messages: list[dict]) -> int:
@@ -38,8 +39,10 @@ def final_assistant(messages: list[dict]) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
-def prompt_id(prompt: list[dict]) -> str:
-    return stable_hash([{"role": m["role"], "content": m["content"]} for m in prompt])[:32]
+def prompt_id(prompt: list[dict], tools: str | None = None) -> str:
+    """Equal prompts (every message field) with equal tools, equal id; tool-free prompts hash as before."""
+    body = compact_all(prompt)
+    return stable_hash(body if tools is None else [body, tools])[:32]
 
 
 def shard_rows(records: pa.Table, rollout: pa.Table, rcfg: ReturnConfig, recorded: bool) -> list[dict]:
@@ -53,9 +56,9 @@ def shard_rows(records: pa.Table, rollout: pa.Table, rcfg: ReturnConfig, recorde
                                     rcfg, recorded=rol["turn_score"][k][0] if recorded else None)
             last = final_assistant(traj)
             prompt = chat.prompt_messages(traj)
-            rows.append({**{c: rec[c] for c in RECORD_COLUMNS}, "prompt_id": prompt_id(prompt),
+            rows.append({**{c: rec.get(c) for c in RECORD_COLUMNS}, "prompt_id": prompt_id(prompt, rec.get("tools")),
                          "sample_index": k, "messages": traj, "prompt": prompt, "train_context": traj[:last],
-                         "train_target": traj[last]["content"], "turns": len(rol["turn_correct"][k]),
+                         "train_target": chat.turn_text(traj[last]), "turns": len(rol["turn_correct"][k]),
                          "t_star": ret.t_star, "success": ret.success,
                          "return": ret.total, "return_outcome": ret.outcome, "return_format": ret.format,
                          "return_repetition": ret.repetition})
@@ -67,7 +70,8 @@ def _rollout_quarantine(records: pa.Table, rollout: pa.Table) -> list[dict]:
     for rec, err in zip(records.to_pylist(), rollout.column("rollout_error").to_pylist()):
         if err is not None:
             out.append({"source": rec["source"], "source_index": rec["source_index"], "stage": "rollout",
-                        "reason": err, "raw": json.dumps({"messages": rec["messages"]}, ensure_ascii=False)[:65536]})
+                        "reason": err, "raw": json.dumps({"messages": compact_all(rec["messages"]), "tools": rec.get("tools")},
+                                                         ensure_ascii=False)[:65536]})
     return out
 
 

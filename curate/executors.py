@@ -19,7 +19,8 @@ class LocalExecutor:
 
 
 class DaskExecutor:
-    """--workers N: a LocalCluster of N single-threaded processes; --scheduler ADDR: an existing cluster.
+    """--workers N: a LocalCluster of N processes, one task at a time each (torch with this process's thread
+    count); --scheduler ADDR: an existing cluster.
     GPU stages ask for the worker resource GPU=1 on an existing cluster (start one worker per GPU)."""
 
     def __init__(self, workers: int | None = None, scheduler: str | None = None):
@@ -28,8 +29,13 @@ class DaskExecutor:
         if scheduler:
             self.client, self.cluster = Client(scheduler), None
         else:
+            # dask gives single-threaded workers OMP/MKL/OpenBLAS_NUM_THREADS=1; a float32 matmul sums in
+            # another order with another thread count (1 ulp apart), so workers get this process's count:
+            # the same bytes as a local run
+            threads = str(_torch_threads())
+            env = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None)
+                                        dashboard_address=None, env=env)
             self.client = Client(self.cluster)
         self.remote = scheduler is not None
 
@@ -42,6 +48,12 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def make_executor(workers: int | None, scheduler: str | None):

@@ -67,17 +67,19 @@ def row_seed(*parts) -> int:
 
 
 def generate(conversations: list[list[dict]], cfg: GenerationConfig, n: int = 1,
-             seeds: list[int] | None = None) -> list[list[str]]:
+             seeds: list[int] | None = None, tools: list[list[dict] | None] | None = None) -> list[list[str]]:
     """n sampled replies (assistant text) for each conversation. `seeds` gives each conversation a
-    base seed (sample j uses row_seed(base, j)); by default it is derived from cfg.seed and the text."""
+    base seed (sample j uses row_seed(base, j)); by default it is derived from cfg.seed and the text.
+    `tools`: each conversation's function schemas (a list, or None), rendered into its prompt."""
     ref = models.resolve(cfg.model, cfg.trust_remote_code)
     tok = models.load_tokenizer(ref)
-    texts = [chat.render(tok, c, generation_prompt=True) for c in conversations]
+    tools = tools if tools is not None else [None] * len(conversations)
+    texts = [chat.render(tok, c, generation_prompt=True, tools=t) for c, t in zip(conversations, tools)]
     if seeds is None:
         seeds = [row_seed(cfg.seed, t) for t in texts]
     if len(seeds) != len(conversations):
         raise ValueError(f"{len(seeds)} seeds for {len(conversations)} conversations")
-    ids = [logprobs.prompt_ids(tok, c) for c in conversations]   # the ids scoring uses too
+    ids = [logprobs.prompt_ids(tok, c, t) for c, t in zip(conversations, tools)]   # the ids scoring uses too
     rows = [(i, row_seed(s, j) if n > 1 else s) for i, s in enumerate(seeds) for j in range(n)]
     engine = resolve_engine(cfg)
     run = _generate_vllm if engine == "vllm" else _generate_hf

@@ -27,6 +27,7 @@ from curate.config import IrftConfig
 from curate.executors import make_executor
 from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, write_arrow, write_json
 from curate.io.routed import provenance, swap_into_place
+from curate.messages import compact_all
 from curate.pipeline import run_ingest, run_sharded, timed
 from curate.report import try_write_report
 from curate.stages.continuation import Continuation
@@ -48,8 +49,8 @@ def pair_rows(records: pa.Table, cont: pa.Table, scores: pa.Table, stage: int, b
                                                      "ref_rejected_logps")}
     cols = {
         **{c: records.column(c) for c in ("id", "source", "source_index")},
-        "prompt": cont.column("prompt"), "chosen": reply(cont.column("chosen_text")),
-        "rejected": reply(cont.column("rejected_text")), "stage": cont.column("stage"),
+        "prompt": cont.column("prompt"), "chosen": cont.column("chosen"),
+        "rejected": reply(cont.column("rejected_text")), "tools": cont.column("tools"), "stage": cont.column("stage"),
         "generator": [generator] * n, **logp,
         "implicit_reward_chosen": beta * (logp["chosen_logps"] - logp["ref_chosen_logps"]),
         "implicit_reward_rejected": beta * (logp["rejected_logps"] - logp["ref_rejected_logps"]),
@@ -61,8 +62,8 @@ def pair_rows(records: pa.Table, cont: pa.Table, scores: pa.Table, stage: int, b
     return pa.table({name: cols[name] for name in target.names}).cast(target), dropped
 
 
-def reply(texts: pa.ChunkedArray) -> list[list[dict]]:
-    return [[{"role": "assistant", "content": t}] for t in texts.to_pylist()]
+def reply(texts: pa.ChunkedArray) -> pa.Array:
+    return pa.array([[{"role": "assistant", "content": t}] for t in texts.to_pylist()], schema.MESSAGES)
 
 
 class WinRate:
@@ -125,7 +126,8 @@ def run_irft(cfg: IrftConfig) -> dict:
                 if err is not None:
                     quarantine.write({"source": rec["source"], "source_index": rec["source_index"],
                                       "stage": "continuation", "reason": err,
-                                      "raw": json.dumps({"messages": rec["messages"]}, ensure_ascii=False)[:65536]})
+                                      "raw": json.dumps({"messages": compact_all(rec["messages"]),
+                                                         "tools": rec.get("tools")}, ensure_ascii=False)[:65536]})
             valid = c_tab.column("pair_error").null_count
             rows, dropped = pair_rows(records, c_tab, read_arrow(s_scr["path"]), cfg.stage, cfg.beta, generator)
             counts["identical"] += dropped

@@ -15,16 +15,19 @@ import torch
 from curate import chat
 
 
-def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
-    """The prompt rendered with the chat template and the generation prompt, as token ids."""
-    return tokenizer(chat.render(tokenizer, prompt, generation_prompt=True), add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, prompt: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The prompt rendered with the chat template (with `tools`) and the generation prompt, as token ids."""
+    text = chat.render(tokenizer, prompt, generation_prompt=True, tools=tools)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def split_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
-    """(context ids, reply ids) of prompt + an assistant reply, split where the prompt alone diverges."""
-    head = prompt_ids(tokenizer, prompt)
-    full = tokenizer(chat.render(tokenizer, [*prompt, {"role": "assistant", "content": reply}]),
-                     add_special_tokens=False)["input_ids"]
+def split_ids(tokenizer, prompt: list[dict], reply: str | dict,
+              tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """(context ids, reply ids) of prompt + an assistant reply (its text, or the whole assistant message,
+    tool calls included), split where the prompt alone diverges."""
+    head = prompt_ids(tokenizer, prompt, tools)
+    turn = {"role": "assistant", "content": reply} if isinstance(reply, str) else reply
+    full = tokenizer(chat.render(tokenizer, [*prompt, turn], tools=tools), add_special_tokens=False)["input_ids"]
     n = 0
     while n < min(len(head), len(full)) and head[n] == full[n]:
         n += 1

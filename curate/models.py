@@ -98,15 +98,38 @@ def identity(ref: ModelRef) -> dict:
 
 
 @lru_cache(maxsize=None)
-def load_tokenizer(ref: ModelRef):
+def load_tokenizer(ref: ModelRef, require_template: bool = True):
+    """The model's tokenizer (cached per process). ModelError when it has no chat template, unless the
+    caller supplies one itself (`require_template=False`, e.g. prism's --chat-template)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ref.folder, gguf_file=ref.gguf_file, trust_remote_code=ref.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    if not tok.chat_template:
-        raise ModelError(f"{ref.name}: the tokenizer has no chat template")
+    if require_template and not tok.chat_template:
+        raise ModelError(f"{ref.name}: the tokenizer has no chat template; give one with --chat-template FILE")
     return tok
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """--chat-template FILE: a Jinja chat template (a .jinja file, or a tokenizer_config.json-style JSON
+    file with a `chat_template` string). ValueError naming the file when it cannot be used."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--chat-template {path}: cannot read it ({e.strerror or e})") from None
+    if path.endswith(".json"):
+        try:
+            text = json.loads(text).get("chat_template")
+        except (ValueError, AttributeError):
+            text = None
+        if not isinstance(text, str):
+            raise ValueError(f"--chat-template {path}: a JSON file must hold a `chat_template` string")
+    if not text.strip():
+        raise ValueError(f"--chat-template {path}: the file is empty")
+    return text
 
 
 def resolve_device(device: str) -> str:

@@ -101,7 +101,7 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
         res = ingest(icfg, write_shard, quarantine.write, files)
     _remove_parts_beyond(folder, len(shards))
     done = {"key": key, "shards": shards, "counts": res.counts, "files": res.files, "skipped": res.skipped,
-            "quarantine": str(folder / "quarantine.jsonl")}
+            "notes": res.notes, "quarantine": str(folder / "quarantine.jsonl")}
     write_json(marker, done)
     return done, {"computed": 1, "cached": 0}
 

@@ -33,14 +33,17 @@ def load_reward_model(ref: models.ModelRef, device: str = "cpu"):
 
 @torch.inference_mode()
 def score(spec: str, conversations: list[list[dict]], device: str = "auto",
-          batch_tokens: int = 8192, trust_remote_code: bool = False) -> np.ndarray:
-    """One float score per conversation (float32 values)."""
+          batch_tokens: int = 8192, trust_remote_code: bool = False,
+          tools: list[list[dict] | None] | None = None) -> np.ndarray:
+    """One float score per conversation (float32 values); `tools`: each one's function schemas or None."""
     from curate.stages.probe import token_batches
 
     ref = models.resolve(spec, trust_remote_code)
     dev = models.resolve_device(device)
     model, tok = load_reward_model(ref, dev)
-    seqs = [tok(chat.render(tok, c), add_special_tokens=False)["input_ids"] for c in conversations]
+    tools = tools if tools is not None else [None] * len(conversations)
+    seqs = [tok(chat.render(tok, c, tools=t), add_special_tokens=False)["input_ids"]
+            for c, t in zip(conversations, tools)]
     out = np.zeros(len(seqs), dtype=np.float32)
     for batch in token_batches([len(s) for s in seqs], batch_tokens):
         t = max(len(seqs[b]) for b in batch)

@@ -11,7 +11,12 @@ from pathlib import Path
 import pyarrow as pa
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # a link to the repo's schemas/; a copy in wheels
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# One chat message as chat templates and trainers read it (OpenAI's fields). Optional fields are null
+# when a message does not have them; `arguments` is the JSON text of the call's arguments.
+FUNCTION_CALL = pa.struct([("name", pa.string()), ("arguments", pa.string())])
+TOOL_CALL = pa.struct([("id", pa.string()), ("type", pa.string()), ("function", FUNCTION_CALL)])
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.list_(TOOL_CALL)),
+                     ("tool_call_id", pa.string()), ("name", pa.string()), ("reasoning_content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
 
 _X_ARROW = {"float32": pa.float32(), "float64": pa.float64(), "int32": pa.int32(),

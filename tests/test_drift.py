@@ -12,6 +12,7 @@ import pytest
 
 from curate import generation
 from curate.cli import main
+from curate.messages import compact_all
 from curate.io.atomic import read_arrow
 from curate.schema import arrow_schema, load_json_schema
 from curate.stages.rollout import DEFAULT_FEEDBACK, Rollout, RolloutConfig
@@ -74,7 +75,7 @@ def hashed(raw, tmp_path_factory, tiny_model_dir):
 
 
 def test_multi_turn_structure_feedback_only_after_failures(hashed):
-    rows = load(hashed)
+    rows = [{**r, **{k: compact_all(r[k]) for k in ("messages", "prompt", "train_context")}} for r in load(hashed)]
     assert len(rows) == 4 * 2 + 2 and {r["sample_index"] for r in rows} == {0, 1}   # 5 prompts x K=2
     assert any(r["success"] for r in rows) and not all(r["success"] for r in rows)
     for r in rows:

@@ -161,7 +161,7 @@ def test_irft_stages_pairs_and_implicit_rewards(tmp_path, shared_data, tiny_mode
 
 def test_pair_identical_to_the_demonstration_is_dropped_and_counted(tmp_path, tiny_model_dir, monkeypatch):
     """A generator that repeats one demonstration word for word: that pair teaches nothing and is dropped."""
-    def parrot(conversations, cfg, n=1, seeds=None):
+    def parrot(conversations, cfg, n=1, seeds=None, tools=None):
         return [["Paris."] if c[-1]["content"] == "Capital of France?" else ["No idea."] for c in conversations]
 
     monkeypatch.setattr(generation, "generate", parrot)

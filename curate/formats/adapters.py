@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from curate.formats.agents import TRANSCRIPT_KEYS, convert_actions, convert_transcript
 from curate.formats.conversations import (
-    CHAT_LIST_KEYS,
     COMPLETION_KEYS,
+    MESSAGE_LIST_KEYS,
     Converted,
     convert_alpaca,
     convert_hh,
@@ -38,6 +38,7 @@ from curate.formats.records import (
     type_name,
     validate_messages,
 )
+from curate.formats.tools import parse_tools
 from curate.formats.webshop import convert_webshop_session, group_sessions, is_page_visit
 from curate.io.readers import RawError
 
@@ -53,10 +54,11 @@ MAX_ANSWER_CHARS = 100
 
 
 def _has_role_list(raw: dict) -> bool:
-    """`messages`, or a `conversation(s)` list of {role, content} (ShareGPT uses {from, value})."""
+    """`messages`, or a `conversation(s)`/`traj`/`trajectory` list of {role, ...} (ShareGPT uses {from, value};
+    a `traj` string is a text transcript)."""
     if "messages" in raw:
         return True
-    for key in CHAT_LIST_KEYS[1:]:  # plain loops in these predicates: they run for every record
+    for key in MESSAGE_LIST_KEYS[1:]:  # plain loops in these predicates: they run for every record
         v = raw.get(key)
         if isinstance(v, list) and v and isinstance(v[0], dict) and "role" in v[0]:
             return True
@@ -110,8 +112,11 @@ def detect_format(raw: dict) -> str:
     raise BadRecord(f"unrecognised record: keys {_keys(raw)}")
 
 
-def normalize(raw: dict, fmt: str = "auto") -> Normalized:
-    """One raw record -> `Normalized`, or BadRecord with the reason. `fmt` forces a format."""
+def normalize(raw: dict, fmt: str = "auto", default_tools: str | None = None) -> Normalized:
+    """One raw record -> `Normalized`, or BadRecord with the reason. `fmt` forces a format.
+
+    `tools` comes from the record's own `tools` field (a list of function schemas or its JSON text),
+    else `default_tools` (the canonical JSON text of --tools FILE), else None."""
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {', '.join(FORMATS)}")
     if fmt == "auto":
@@ -119,13 +124,16 @@ def normalize(raw: dict, fmt: str = "auto") -> Normalized:
     elif not isinstance(raw, dict) or not _MATCHES[fmt](raw):
         what = f"keys {_keys(raw)}" if isinstance(raw, dict) else f"got {type_name(raw)}"
         raise BadRecord(f"record does not fit format '{fmt}': {what}")
+    notes: list[str] = []
     if fmt == "webshop_session":
         messages, truth, reward = convert_webshop_session(raw)
     else:
-        (messages, truth), reward = _CONVERTERS[fmt](raw), recorded_reward(raw)
+        (messages, truth), reward = _CONVERTERS[fmt](raw, notes), recorded_reward(raw)
     validate_messages(messages)
     truth = _ground_truth(raw, truth, messages)
-    return Normalized(fmt, messages, truth if truth is None else check_unicode("ground truth", truth), reward)
+    tools = parse_tools(raw["tools"]) if raw.get("tools") is not None else default_tools
+    return Normalized(fmt, messages, truth if truth is None else check_unicode("ground truth", truth), reward,
+                      tools, tuple(notes))
 
 
 def _ground_truth(raw: dict, from_format: str | None, messages: list[dict]) -> str | None:
@@ -142,7 +150,8 @@ def _ground_truth(raw: dict, from_format: str | None, messages: list[dict]) -> s
 
 
 def record_id(n: Normalized) -> str:
-    """sha256 (32 hex chars) of the canonical JSON of messages, ground truth and reward.
+    """sha256 (32 hex chars) of the canonical JSON of messages (every field), ground truth, reward and
+    tools (the key only when the record has tools, so ids of tool-free records stay as they were).
 
     The format and the source are left out on purpose: the same demonstration read from two files or
     two formats gets the same id, which is what deduplication keys on.
@@ -154,12 +163,13 @@ _ROLE_JSON = {role: _encode_str(role) for role in ROLES}  # encoded once: every 
 
 
 def canonical_json(n: Normalized) -> str:
-    """`json.dumps({"messages", "ground_truth", "reward"}, sort_keys=True, ensure_ascii=False,
+    """`json.dumps({"messages", "ground_truth", "reward"[, "tools"]}, sort_keys=True, ensure_ascii=False,
     separators=(",", ":"))`, assembled from json's own C string encoder: the same text, several times
     faster on the ingest hot path. Anything but {role, content} messages and a finite float reward
-    takes the json.dumps route (the property tests check both agree)."""
+    takes the json.dumps route (the property tests check both agree). Tool calls, tool fields, reasoning
+    and tools are all in the hash: two traces that differ only there are not duplicates."""
     enc, parts = _encode_str, []
-    simple = (n.ground_truth is None or type(n.ground_truth) is str) and (
+    simple = n.tools is None and (n.ground_truth is None or type(n.ground_truth) is str) and (
         n.reward is None or (type(n.reward) is float and math.isfinite(n.reward)))
     for m in n.messages if simple else ():
         role, content = m.get("role"), m.get("content")
@@ -168,16 +178,18 @@ def canonical_json(n: Normalized) -> str:
             break
         parts.append(f'{{"content":{enc(content)},"role":{_ROLE_JSON.get(role) or enc(role)}}}')
     if not simple:
-        return json.dumps({"messages": n.messages, "ground_truth": n.ground_truth, "reward": n.reward},
-                          sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        body = {"messages": n.messages, "ground_truth": n.ground_truth, "reward": n.reward}
+        if n.tools is not None:
+            body["tools"] = n.tools
+        return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     truth = "null" if n.ground_truth is None else enc(n.ground_truth)
     reward = "null" if n.reward is None else float.__repr__(n.reward)
     return f'{{"ground_truth":{truth},"messages":[{",".join(parts)}],"reward":{reward}}}'
 
 
-def _attempt(raw: dict, fmt: str) -> Normalized | BadRecord:
+def _attempt(raw: dict, fmt: str, tools: str | None = None) -> Normalized | BadRecord:
     try:
-        return normalize(raw, fmt)
+        return normalize(raw, fmt, tools)
     except BadRecord as e:
         return e
 
@@ -190,7 +202,8 @@ def is_session_line(item: dict | RawError, fmt: str) -> bool:
 
 
 def iter_normalized(
-    path: str | os.PathLike, items: Iterable[tuple[int, dict | RawError]], fmt: str = "auto"
+    path: str | os.PathLike, items: Iterable[tuple[int, dict | RawError]], fmt: str = "auto",
+    tools: str | None = None,
 ) -> Iterator[tuple[int, dict | str, Normalized | BadRecord]]:
     """Normalise one file's records: yields (source_index, raw dict or raw text, Normalized or BadRecord).
 
@@ -198,6 +211,7 @@ def iter_normalized(
     reason and their raw text. WebShop page-visit lines are grouped (consecutive lines of one session
     id, `path` standing in when a URL has none) into one record per session, whose source_index is
     its first line and whose raw dict is {"session_id", "pages"}. Output is in source_index order.
+    `tools`: the default `tools` of records without their own (--tools FILE, canonical JSON text).
     """
     pending: list[tuple[int, dict]] = []
     for index, item in items:
@@ -210,7 +224,7 @@ def iter_normalized(
         if isinstance(item, RawError):
             yield index, item.raw, BadRecord(item.reason)
         else:
-            yield index, item, _attempt(item, fmt)
+            yield index, item, _attempt(item, fmt, tools)
     yield from _sessions(pending, path)
 
 

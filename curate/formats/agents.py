@@ -52,7 +52,7 @@ def transcript_turns(text: str) -> list[tuple[str, str]]:
     return [(role, "\n".join(lines)) for role, lines in turns]
 
 
-def convert_transcript(raw: dict) -> Converted:
+def convert_transcript(raw: dict, notes: list[str]) -> Converted:
     """One text episode; text before the first agent line (after `problem`, if given) is the task."""
     key = first_key(raw, TRANSCRIPT_KEYS) or "traj"
     text = raw.get(key)
@@ -72,7 +72,7 @@ def convert_transcript(raw: dict) -> Converted:
     return [message(role, content) for role, content in turns], None
 
 
-def convert_actions(raw: dict) -> Converted:
+def convert_actions(raw: dict, notes: list[str]) -> Converted:
     """A task plus the list of actions taken (observations not recorded): one assistant turn."""
     actions = require_list(raw, "action_history")
     for i, action in enumerate(actions):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from curate.formats import tools
 from curate.formats.records import (
+    ROLES,
     BadRecord,
     as_ground_truth,
     check_content,
@@ -25,13 +27,14 @@ from curate.formats.records import (
 Converted = tuple[list[dict], str | None]
 
 CHAT_LIST_KEYS = ("messages", "conversation", "conversations")
+MESSAGE_LIST_KEYS = (*CHAT_LIST_KEYS, "traj", "trajectory")  # τ-bench: `traj` is a list of messages
 COMPLETION_KEYS = ("completion", "response", "answer")
 # ShareGPT speaker names seen in the wild (ShareGPT, LLaMA-Factory, Glaive/ToolACE-style tool data).
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "model": "assistant", "function_call": "assistant",
     "system": "system",
-    "tool": "tool", "observation": "tool",
+    "tool": "tool", "observation": "tool", **tools.ROLE_ALIASES,
 }
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -42,8 +45,10 @@ def _message_dict(index: int, item: Any) -> dict:
     return item
 
 
-def _content_text(index: int, content: Any) -> str:
-    """OpenAI content may be a list of parts; text parts are joined by newlines, others refused."""
+def _content_text(index: int, content: Any, may_be_empty: bool = False) -> str:
+    """OpenAI content may be a list of parts; text parts are joined by newlines, others refused.
+
+    `may_be_empty`: null or blank content is allowed (kept as written, null as "")."""
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
@@ -52,59 +57,110 @@ def _content_text(index: int, content: Any) -> str:
                 raise BadRecord(f"message {index}: content part {j} is {kind!r}, only text parts are supported")
             texts.append(part["text"])
         content = "\n".join(texts)
+    if may_be_empty and (content is None or (isinstance(content, str) and not content.strip())):
+        return content or ""
     return check_content(index, content)
 
 
-def role_content_messages(items: list, offset: int = 0) -> list[dict]:
-    """OpenAI-style [{role, content}] -> canonical messages; `offset` numbers messages in errors."""
-    out = []
-    for i, item in enumerate(items, start=offset):
-        m = _message_dict(i, item)
-        if not isinstance(m.get("role"), str):
-            raise BadRecord(f"message {i}: no 'role'")
-        out.append(message(m["role"], _content_text(i, m.get("content"))))
+def _role(index: int, value: Any, names: dict[str, str], notes: list[str]) -> str:
+    """A role name, matched case-insensitively; an alias (tools.ROLE_ALIASES) is noted."""
+    role = names.get(value.lower()) if isinstance(value, str) else None
+    if role is None:
+        raise BadRecord(f"message {index}: unknown role {value!r}" if value is not None else f"message {index}: no 'role'")
+    if role != value.lower() and value.lower() in tools.ROLE_ALIASES:
+        notes.append(f"role {value.lower()!r} read as {role!r}")
+    return role
+
+
+_OPENAI_ROLES = {**{r: r for r in ROLES}, **tools.ROLE_ALIASES}
+_KNOWN_KEYS = frozenset(("role", "content", "tool_calls", "tool_call_id", "name", "function_call", "from", "value",
+                         *tools.REASONING_KEYS))
+
+
+def canonical_message(index: int, role: str, m: dict, content: Any, calls: list[dict] | None,
+                      notes: list[str]) -> dict:
+    """The canonical message: role, content and the tool fields the turn has (absent ones left out)."""
+    thought = tools.reasoning(index, m) if role == "assistant" else None
+    out = message(role, _content_text(index, content, may_be_empty=role in ("system", "tool") or bool(calls or thought)))
+    if calls:
+        if role != "assistant":
+            raise BadRecord(f"message {index}: a {role} turn cannot have tool_calls")
+        out["tool_calls"] = calls
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            value = tools.optional_str(index, m, key)
+            if value is not None:
+                out[key] = value
+    if thought is not None:
+        out["reasoning_content"] = thought
+    if len(m) > 2:
+        notes.extend(f"message field {k!r} not kept" for k in m if k not in _KNOWN_KEYS)
     return out
 
 
-def convert_messages(raw: dict) -> Converted:
-    key = first_key(raw, CHAT_LIST_KEYS) or "messages"
-    return role_content_messages(require_list(raw, key)), None
+def role_content_messages(items: list, offset: int = 0, notes: list[str] | None = None) -> list[dict]:
+    """OpenAI-style [{role, content, tool_calls?, ...}] -> canonical messages; `offset` numbers messages
+    in errors. A legacy `function_call` on an assistant turn is read as its one tool call."""
+    out, notes = [], [] if notes is None else notes
+    for i, item in enumerate(items, start=offset):
+        m = _message_dict(i, item)
+        role = _role(i, m.get("role"), _OPENAI_ROLES, notes)
+        calls = tools.tool_calls(i, m.get("tool_calls"))
+        if calls is None and m.get("function_call") is not None and role == "assistant":
+            calls = tools.sharegpt_calls(i, [m["function_call"]])
+        out.append(canonical_message(i, role, m, m.get("content"), calls, notes))
+    return out
 
 
-def convert_sharegpt(raw: dict) -> Converted:
-    out = [message("system", raw["system"])] if isinstance(raw.get("system"), str) and raw["system"].strip() else []
+def _message_list_key(raw: dict) -> str:
+    """The first of MESSAGE_LIST_KEYS holding a list (τ-bench keeps its messages in `traj`)."""
+    for key in MESSAGE_LIST_KEYS:
+        if isinstance(raw.get(key), list):
+            return key
+    return first_key(raw, MESSAGE_LIST_KEYS) or "messages"
+
+
+def convert_messages(raw: dict, notes: list[str]) -> Converted:
+    return role_content_messages(require_list(raw, _message_list_key(raw)), notes=notes), None
+
+
+def convert_sharegpt(raw: dict, notes: list[str]) -> Converted:
+    system = raw.get("system")
+    out = [message("system", system)] if isinstance(system, str) and system.strip() else []
     for i, item in enumerate(require_list(raw, first_key(raw, CHAT_LIST_KEYS) or "conversations")):
         m = _message_dict(i, item)
         speaker = m.get("from", m.get("role"))
-        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
-        if role is None:
-            raise BadRecord(f"message {i}: unknown role {speaker!r}")
-        out.append(message(role, _content_text(i, m.get("value", m.get("content")))))
+        role = _role(i, speaker, SHAREGPT_ROLES, notes)
+        value = m.get("value", m.get("content"))
+        if isinstance(speaker, str) and speaker.lower() == "function_call":
+            out.append(canonical_message(i, role, {}, "", tools.sharegpt_calls(i, value), notes))
+        else:
+            out.append(canonical_message(i, role, m, value, tools.tool_calls(i, m.get("tool_calls")), notes))
     return out, None
 
 
-def _side(raw: dict, key: str, role: str, offset: int) -> list[dict]:
+def _side(raw: dict, key: str, role: str, offset: int, notes: list[str]) -> list[dict]:
     """One side of a prompt/completion pair: a plain string or a list of messages (TRL conversational)."""
     value = raw[key]
     if isinstance(value, str):
         return [message(role, check_content(offset, value))]
     if isinstance(value, list):
-        return role_content_messages(value, offset)
+        return role_content_messages(value, offset, notes)
     raise BadRecord(f"field '{key}' must be a string or a list of messages, got {type_name(value)}")
 
 
-def convert_prompt_completion(raw: dict) -> Converted:
+def convert_prompt_completion(raw: dict, notes: list[str]) -> Converted:
     key = first_key(raw, COMPLETION_KEYS) or "completion"
     if key not in raw:
         raise BadRecord("no 'completion' or 'response' field")
-    prompt = _side(raw, "prompt", "user", 0)
-    completion = _side(raw, key, "assistant", len(prompt))
+    prompt = _side(raw, "prompt", "user", 0, notes)
+    completion = _side(raw, key, "assistant", len(prompt), notes)
     answer = raw[key]
     truth = hash_answer(answer, last_line_only=True) if isinstance(answer, str) else None
     return prompt + completion, truth
 
 
-def convert_question_answer(raw: dict) -> Converted:
+def convert_question_answer(raw: dict, notes: list[str]) -> Converted:
     if "question" in raw:  # GSM8K: the final answer follows "####"
         answer = require_str(raw, "answer")
         return [message("user", require_str(raw, "question")), message("assistant", answer)], hash_answer(answer)
@@ -123,7 +179,7 @@ def _optional_str(raw: dict, key: str) -> str:
     return value
 
 
-def convert_alpaca(raw: dict) -> Converted:
+def convert_alpaca(raw: dict, notes: list[str]) -> Converted:
     """Alpaca (+ LLaMA-Factory's `system`/`history`); Self-Instruct seeds use their first instance."""
     instruction = require_str(raw, "instruction")
     example = raw
@@ -142,7 +198,7 @@ def convert_alpaca(raw: dict) -> Converted:
     return out + [message("user", user), message("assistant", require_str(example, "output"))], None
 
 
-def convert_hh(raw: dict) -> Converted:
+def convert_hh(raw: dict, notes: list[str]) -> Converted:
     """A preference pair; the demonstration is `chosen` (`rejected` is not one).
 
     Anthropic HH keeps the whole dialogue in `chosen`, as text turns each opened by a blank line and
@@ -150,10 +206,10 @@ def convert_hh(raw: dict) -> Converted:
     list, with an optional `prompt`.
     """
     if "prompt" in raw:
-        prompt = _side(raw, "prompt", "user", 0)
-        return prompt + _side(raw, "chosen", "assistant", len(prompt)), None
+        prompt = _side(raw, "prompt", "user", 0, notes)
+        return prompt + _side(raw, "chosen", "assistant", len(prompt), notes), None
     if isinstance(raw.get("chosen"), list):
-        return role_content_messages(raw["chosen"]), None
+        return role_content_messages(raw["chosen"], notes=notes), None
     text = require_str(raw, "chosen")
     if text.startswith(("Human:", "Assistant:")):
         text = "\n\n" + text

@@ -22,6 +22,8 @@ class Normalized:
     messages: list[dict]
     ground_truth: str | None = None
     reward: float | None = None
+    tools: str | None = None          # JSON text of the function schemas (curate.messages.dump_tools)
+    notes: tuple[str, ...] = ()       # what was read differently from how it was written, for the manifest
 
 
 def type_name(value: Any) -> str:
@@ -83,7 +85,10 @@ def check_unicode(what: str, text: str) -> str:
 
 
 def validate_messages(messages: list[dict]) -> list[dict]:
-    """Check the conversation as a whole; returns it unchanged."""
+    """Check the conversation as a whole; returns it unchanged.
+
+    Content must be a string; it may be blank only in system and tool turns and in assistant turns
+    that call tools or carry separate reasoning."""
     roles = set()
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
@@ -92,7 +97,10 @@ def validate_messages(messages: list[dict]) -> list[dict]:
         roles.add(role)
         # the common case without a call: a non-blank ASCII string (check_content says what is wrong)
         if not (type(content) is str and content.isascii() and content and not content.isspace()):
-            check_content(i, content)
+            if type(content) is str and (role in ("system", "tool") or m.get("tool_calls") or m.get("reasoning_content")):
+                check_unicode(f"message {i}: content", content)
+            else:
+                check_content(i, content)
     if not messages:
         raise BadRecord("no messages")
     if roles == {"system"}:

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 import curate
 from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, write_arrow, write_json
+from curate.messages import compact_all
 from curate.stages import route
 
 PARTITIONS = ("sft", "rl")
@@ -63,11 +64,17 @@ def corpus_scores(state: dict, cfg: route.RouteConfig, pool: ThreadPoolExecutor 
 
 
 def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg: route.RouteConfig,
-                 prefix_rows: str, staging: Path) -> tuple[list[dict], int, dict[str, tuple[str, int]]]:
-    """Pass 2 for one shard: its tokenize quarantine rows, truncations and written partition files."""
+                 prefix_rows: str, staging: Path) -> tuple[list[dict], int, dict[str, tuple[str, int]], dict[str, int]]:
+    """Pass 2 for one shard: its tokenize quarantine rows, truncations, written partition files and how
+    many of its routed rows had their tool calls rendered each way (chat.Encoded.tool_rendering)."""
     ing, tok, prb, sig = paths
-    records, tokens = read_arrow(ing), read_arrow(tok, ["n_tokens", "n_loss_tokens", "truncated", "token_error"])
+    records, tokens = read_arrow(ing), read_arrow(tok)
     truncated = pc.sum(tokens.column("truncated")).as_py() or 0
+    rendering = {}
+    if "tool_rendering" in tokens.column_names:  # caches from before tool support have no such column
+        probed = pc.is_valid(read_arrow(prb, ["grad_norms"]).column("grad_norms"))
+        for way in tokens.column("tool_rendering").filter(probed).drop_null().to_pylist():
+            rendering[way] = rendering.get(way, 0) + 1
     rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg, _signal_columns(sig),
                              prefix_rows, known={cfg.metric: score})
     written = {}
@@ -77,14 +84,15 @@ def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg:
             name = f"{part}/part-{i:05d}.arrow"
             write_arrow(staging / name, subset, digest=False)
             written[part] = (name, subset.num_rows)
-    return _token_quarantine(records, tokens), truncated, written
+    return _token_quarantine(records, tokens), truncated, written, rendering
 
 
 def _token_quarantine(records: pa.Table, tokens: pa.Table) -> list[dict]:
     bad = pc.invert(pc.is_null(tokens.column("token_error")))
     rows = []
     for rec, reason in zip(records.filter(bad).to_pylist(), tokens.column("token_error").filter(bad).to_pylist()):
-        raw = json.dumps({"messages": rec["messages"]}, ensure_ascii=False)[:65536]
+        raw = json.dumps({"messages": compact_all(rec["messages"]), "tools": rec.get("tools")},
+                         ensure_ascii=False)[:65536]
         rows.append({"source": rec["source"], "source_index": rec["source_index"], "stage": "tokenize",
                      "reason": reason, "raw": raw})
     return rows
@@ -110,7 +118,10 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         quarantine.copy_lines(state["ingest"]["quarantine"])
         results = pool.map(_route_shard, range(len(shards)), shards, scores, [threshold] * len(shards),
                            [cfg] * len(shards), [prefix_rows] * len(shards), [staging] * len(shards))
-        for bad, n_truncated, written in results:
+        rendering: dict[str, int] = {}
+        for bad, n_truncated, written, shard_rendering in results:
+            for way, n in shard_rendering.items():
+                rendering[way] = rendering.get(way, 0) + n
             for row in bad:
                 quarantine.write(row)
             truncated += n_truncated
@@ -131,6 +142,9 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
                     (" (reversed: -> rl)" if cfg.reverse else "")},
         "files": files,
         "model": state["model"],
+        "chat_template": {**(state["tokenize"][0].get("chat_template") or {} if state["tokenize"] else {}),
+                          "tool_rendering": dict(sorted(rendering.items()))},
+        "ingest_notes": state["ingest"].get("notes", {}),
         "modules": state["modules"],
         "config": state["config"],
         "inputs": state["ingest"]["files"],

@@ -1,7 +1,8 @@
 """Stage `continuation`: IRFT/SPIN's self-generated reply ỹ for each demonstration of one stage.
 
 A demonstration's pair is built on its last assistant turn: the prompt is every message before it (for
-a multi-turn chat, the whole history) and y is that turn's text. Records go to one of `stages` chunks
+a multi-turn chat, the whole history, tool calls and results included) and y is that turn, its tool
+calls included; the record's tools are rendered into the prompt ỹ is sampled from. Records go to one of `stages` chunks
 by a hash of their id, so the split does not depend on the order or size of the corpus, and only the
 chunk of the stage being built is generated. Each record samples with its own seed (base seed, id):
 its continuation does not depend on its shard or batch mates."""
@@ -12,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from curate import generation, schema
+from curate import chat, generation, schema
 from curate.io.atomic import stable_hash
+from curate.messages import compact, parse_tools
 from curate.stages.base import Stage
 
 
@@ -32,20 +34,22 @@ def stage_of(record_id: str, stages: int) -> int:
     return int(stable_hash(["irft-stage", record_id])[:15], 16) % stages
 
 
-def demonstration(messages: list[dict]) -> tuple[list[dict], str] | None:
-    """(prompt, y): the messages before the last assistant turn, and that turn's text."""
+def demonstration(messages: list[dict]) -> tuple[list[dict], dict] | None:
+    """(prompt, y): the messages before the last assistant turn, and that turn (compact message)."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None or last == 0:
         return None
-    return messages[:last], messages[last]["content"]
+    return messages[:last], compact(messages[last])
+
 
 
 class Continuation(Stage):
     name = "continuation"
     runs_model = True
-    reads = ("id", "messages")
-    writes = pa.schema([("stage", pa.int32()), ("prompt", schema.MESSAGES), ("chosen_text", pa.string()),
-                        ("rejected_text", pa.string()), ("pair_error", pa.string())])
+    reads = ("id", "messages", "tools")
+    writes = pa.schema([("stage", pa.int32()), ("prompt", schema.MESSAGES), ("chosen", schema.MESSAGES),
+                        ("chosen_text", pa.string()), ("rejected_text", pa.string()), ("tools", pa.string()),
+                        ("pair_error", pa.string())])
 
     def identity(self) -> dict:
         c = self.config
@@ -60,16 +64,19 @@ class Continuation(Stage):
         ids = shard.column("id").to_pylist()
         rows = {k: [None] * len(ids) for k in self.writes.names}
         todo = []
+        tools = shard.column("tools").to_pylist()
         for i, (rid, messages) in enumerate(zip(ids, shard.column("messages").to_pylist())):
             rows["stage"][i] = stage_of(rid, c.stages)
             demo = demonstration(messages)
             if demo is None:
                 rows["pair_error"][i] = "no assistant turn after a prompt"
             elif rows["stage"][i] == c.stage:
-                rows["prompt"][i], rows["chosen_text"][i] = demo
+                rows["prompt"][i], turn = demo
+                rows["chosen"][i], rows["chosen_text"][i], rows["tools"][i] = [turn], chat.turn_text(turn), tools[i]
                 todo.append(i)
         seeds = [generation.row_seed(c.generation.seed, ids[i]) for i in todo]
-        replies = generation.generate([rows["prompt"][i] for i in todo], c.generation, n=1, seeds=seeds)
+        replies = generation.generate([rows["prompt"][i] for i in todo], c.generation, n=1, seeds=seeds,
+                                      tools=[parse_tools(tools[i]) for i in todo])
         for i, (reply,) in zip(todo, replies):
             rows["rejected_text"][i] = reply
         return self.check(shard, pa.table(rows, schema=self.writes))

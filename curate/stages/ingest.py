@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
+from curate.formats.tools import load_tools_file
 from curate.io import readers
 from curate.io.atomic import file_sha256, stable_hash
 from curate.stages import ingest_chunks as chunks
@@ -39,10 +40,18 @@ class IngestConfig:
     limit: int | None = None                          # stop after the first N unique records
     skip_bad_files: bool = False                      # list unreadable files instead of failing
     parse_procs: int | None = None                    # helper processes; None: one per CPU for large input
+    tools: str | None = None                          # --tools FILE: function schemas for records without their own
 
     def cache_fields(self) -> dict:
-        """What the shards depend on: not how many processes made them."""
-        return {k: v for k, v in vars(self).items() if k != "parse_procs"}
+        """What the shards depend on: not how many processes made them; the tools file by content."""
+        out = {k: v for k, v in vars(self).items() if k != "parse_procs"}
+        if self.tools is not None:
+            out["tools"] = {"path": self.tools, "sha256": file_sha256(Path(self.tools))}
+        return out
+
+    def default_tools(self) -> str | None:
+        """The canonical JSON text of the --tools file (ValueError naming the file when it is bad)."""
+        return None if self.tools is None else load_tools_file(self.tools)
 
 
 @dataclass
@@ -50,6 +59,7 @@ class IngestResult:
     shards: list[pa.Table] = field(default_factory=list)
     quarantine: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=lambda: {"input": 0, "duplicates": 0, "quarantined": 0})
+    notes: dict = field(default_factory=dict)  # note -> records kept (not duplicates) that have it
     files: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason", "records_read"}
 
@@ -57,7 +67,10 @@ class IngestResult:
 def input_fingerprint(config: IngestConfig) -> list[dict]:
     """The input files with their content hashes (a folder unit: hash of its files' hashes)."""
     out = []
+    tools = Path(config.tools).resolve() if config.tools is not None else None
     for path in readers.list_input_files(config.inputs):
+        if tools is not None and path.resolve() == tools:
+            continue  # --tools FILE inside an input folder (τ-bench ships it so) is the tools, not data
         try:
             digest = (file_sha256(path) if path.is_file() else
                       stable_hash([file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()]))
@@ -84,7 +97,7 @@ def ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
     try:
         units = [Path(f["path"]) for f in res.files]  # listed once, by the fingerprint
         n = helper_count(config, units)
-        with HelperPool(n, config.format) if n else nullcontext() as pool:
+        with HelperPool(n, config.format, config.default_tools()) if n else nullcontext() as pool:
             return _ingest(config, units, write_shard, quarantine, res, pool)
     finally:
         gc.unfreeze()
@@ -136,7 +149,8 @@ def _ingest(config: IngestConfig, units: list[Path], write_shard: Callable[[int,
     sink = quarantine or res.quarantine.append
     seen: set[str] = set()
     shards = _Shards(config.shard_size, write_shard)
-    for result in _chunk_results(config, units, res.skipped, pool):
+    tools = config.default_tools()
+    for result in _chunk_results(config, units, res.skipped, pool, tools):
         records, bad, limited = result.records, result.bad, False
         ids = records.column("id").to_pylist()
         if config.limit is None:
@@ -157,6 +171,10 @@ def _ingest(config: IngestConfig, units: list[Path], write_shard: Callable[[int,
         res.counts["input"] += records.num_rows + len(bad)
         res.counts["quarantined"] += len(bad)
         res.counts["duplicates"] += records.num_rows - sum(keep)
+        for row, found in result.notes.items():
+            if row < len(keep) and keep[row]:
+                for note in found:
+                    res.notes[note] = res.notes.get(note, 0) + 1
         shards.add(records, keep)
         if limited:
             break
@@ -166,12 +184,12 @@ def _ingest(config: IngestConfig, units: list[Path], write_shard: Callable[[int,
 
 
 def _chunk_results(config: IngestConfig, units: list[Path], skipped: list[dict],
-                   pool: HelperPool | None) -> Iterator[chunks.ChunkResult]:
+                   pool: HelperPool | None, tools: str | None) -> Iterator[chunks.ChunkResult]:
     """Every readable file's records, chunk by chunk, in input order."""
     for path in units:
         n = 0
         try:
-            for result in _file_chunks(path, config.format, pool):
+            for result in _file_chunks(path, config.format, pool, tools):
                 n += result.n_items
                 yield result
         except readers.UnreadableFile as e:
@@ -180,16 +198,16 @@ def _chunk_results(config: IngestConfig, units: list[Path], skipped: list[dict],
             skipped.append({"path": str(path), "reason": e.why, "records_read": n})
 
 
-def _file_chunks(path: Path, fmt: str, pool: HelperPool | None) -> Iterator[chunks.ChunkResult]:
+def _file_chunks(path: Path, fmt: str, pool: HelperPool | None, tools: str | None) -> Iterator[chunks.ChunkResult]:
     source = str(path)
     if not readers.is_json_lines(path):
         for items in chunks.item_chunks(readers.read_records(path), fmt):
-            yield chunks.normalize_items(source, items, fmt)
+            yield chunks.normalize_items(source, items, fmt, tools)
         return
     lines = readers.read_json_line_chunks(path, chunks.CHUNK_BYTES, chunks.continues(fmt))
     if pool is not None:
         yield from pool.map(source, lines)
     else:
         for start, data in lines:
-            yield chunks.normalize_lines(source, start, data, fmt)
+            yield chunks.normalize_lines(source, start, data, fmt, tools)
 

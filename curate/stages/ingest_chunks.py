@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -29,47 +29,58 @@ _scan = json.JSONDecoder().scan_once
 class ChunkResult:
     records: pa.Table  # canonical rows in source order, duplicates included (dedup is corpus-wide)
     bad: list[dict]    # quarantine rows in source order
+    notes: dict[int, list[str]] = field(default_factory=dict)  # row of `records` -> its Normalized.notes
 
     @property
     def n_items(self) -> int:
         return self.records.num_rows + len(self.bad)
 
 
-def normalize_items(source: str, items: Iterable[tuple[int, dict | RawError]], fmt: str) -> ChunkResult:
-    bad, index, ids, formats, truths, rewards, offsets, roles, contents = [], [], [], [], [], [], [0], [], []
-    for i, raw, result in adapters.iter_normalized(source, items, fmt):
+def normalize_items(source: str, items: Iterable[tuple[int, dict | RawError]], fmt: str,
+                    tools: str | None = None) -> ChunkResult:
+    """`tools`: default tools for records without their own (see adapters.normalize)."""
+    bad, index, ids, formats, truths, rewards, offsets, messages, record_tools = [], [], [], [], [], [], [0], [], []
+    notes: dict[int, list[str]] = {}
+    for i, raw, result in adapters.iter_normalized(source, items, fmt, tools):
         if isinstance(result, adapters.BadRecord):
             bad.append({"source": source, "source_index": i, "stage": "ingest", "reason": str(result),
                         "raw": _raw_text(raw)})
             continue
+        if result.notes:
+            notes[len(ids)] = list(result.notes)
         index.append(i)
         ids.append(adapters.record_id(result))
         formats.append(result.format)
         truths.append(result.ground_truth)
         rewards.append(result.reward)
-        for m in result.messages:
-            roles.append(m["role"])
-            contents.append(m["content"])
-        offsets.append(len(roles))
-    return ChunkResult(_record_table(source, index, ids, formats, truths, rewards, offsets, roles, contents), bad)
+        record_tools.append(result.tools)
+        messages += result.messages
+        offsets.append(len(messages))
+    table = _record_table(source, index, ids, formats, truths, rewards, offsets, messages, record_tools)
+    return ChunkResult(table, bad, notes)
 
 
-def _record_table(source, index, ids, formats, truths, rewards, offsets, roles, contents) -> pa.Table:
-    """The RECORD table from flat columns: Arrow builds it without a Python dict per row or message."""
+def _record_table(source, index, ids, formats, truths, rewards, offsets, messages, tools) -> pa.Table:
+    """The RECORD table from flat columns: Arrow builds it without a Python dict per row. Chunks
+    without tool fields (most data) take the fast path: role and content columns, the rest null."""
     target = schema.arrow_schema(schema.RECORD)
     message = target.field("messages").type.value_type
-    messages = pa.ListArray.from_arrays(
-        pa.array(offsets, pa.int32()),
-        pa.StructArray.from_arrays([pa.array(roles, pa.string()), pa.array(contents, pa.string())],
-                                   fields=list(message)))
+    n = len(messages)
+    children = [pa.array([m["role"] for m in messages], pa.string()),
+                pa.array([m["content"] for m in messages], pa.string())]
+    extended = any(len(m) > 2 for m in messages)
+    for f in list(message)[2:]:
+        children.append(pa.array([m.get(f.name) for m in messages], f.type) if extended else pa.nulls(n, f.type))
+    messages_array = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                              pa.StructArray.from_arrays(children, fields=list(message)))
     columns = {"id": pa.array(ids, pa.string()), "source": pa.array([source] * len(ids), pa.string()),
                "source_index": pa.array(index, pa.int64()), "format": pa.array(formats, pa.string()),
-               "messages": messages, "ground_truth": pa.array(truths, pa.string()),
-               "reward": pa.array(rewards, pa.float64())}
+               "messages": messages_array, "tools": pa.array(tools, pa.string()),
+               "ground_truth": pa.array(truths, pa.string()), "reward": pa.array(rewards, pa.float64())}
     return pa.table([columns[name] for name in target.names], schema=target)
 
 
-def normalize_lines(source: str, start: int, data: bytes, fmt: str) -> ChunkResult:
+def normalize_lines(source: str, start: int, data: bytes, fmt: str, tools: str | None = None) -> ChunkResult:
     """A chunk of JSON lines (`data`, whose first line is line `start` of the file)."""
     lines = data.split(b"\n")
     if data.endswith(b"\n"):
@@ -78,7 +89,7 @@ def normalize_lines(source: str, start: int, data: bytes, fmt: str) -> ChunkResu
         texts = data.decode("utf-8").split("\n")
     except UnicodeDecodeError:
         texts = None
-    return normalize_items(source, _parsed(lines, texts, start), fmt)
+    return normalize_items(source, _parsed(lines, texts, start), fmt, tools)
 
 
 def _parsed(lines: list[bytes], texts: list[str] | None, start: int) -> Iterator[tuple[int, dict | RawError]]:
@@ -134,7 +145,7 @@ def encode(result: ChunkResult) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, result.records.schema) as writer:
         writer.write_table(result.records)
-    rows, bad = sink.getvalue(), json.dumps(result.bad).encode()
+    rows, bad = sink.getvalue(), json.dumps({"bad": result.bad, "notes": result.notes}).encode()
     return _FRAME.pack(rows.size, len(bad)) + rows.to_pybytes() + bad
 
 
@@ -147,4 +158,6 @@ def read_encoded(read: Callable[[int], bytes]) -> ChunkResult | None:
     rows, bad = read(n_rows), read(n_bad)
     if len(rows) < n_rows or len(bad) < n_bad:
         return None
-    return ChunkResult(pa.ipc.open_stream(pa.py_buffer(rows)).read_all(), json.loads(bad))
+    side = json.loads(bad)
+    notes = {int(row): found for row, found in side["notes"].items()}  # JSON keys are strings
+    return ChunkResult(pa.ipc.open_stream(pa.py_buffer(rows)).read_all(), side["bad"], notes)

@@ -27,6 +27,7 @@ from pathlib import Path
 from curate.stages.ingest_chunks import ChunkResult, encode, normalize_lines, read_encoded
 
 _REQUEST = struct.Struct("<QQQ")  # source length, first line's index, data length
+_TOOLS = struct.Struct("<q")      # sent once, first: length of the default tools' JSON text; -1 for none
 _PIPE_BYTES = 1 << 20             # the default /proc/sys/fs/pipe-max-size
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 # The helper imports this very curate, first on its path: `python -m` would put the working directory
@@ -53,10 +54,14 @@ def _widen(fd: int) -> int:
 
 
 class Helper:
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, tools: str | None = None):
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-c", _BOOT.format(root=_PACKAGE_ROOT, fmt=fmt)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        # the tools go by pipe, not argv: a large tool set could pass the kernel's argument size limit
+        text = b"" if tools is None else tools.encode()
+        self.proc.stdin.write(_TOOLS.pack(-1 if tools is None else len(text)) + text)
+        self.proc.stdin.flush()
         self.capacity = _widen(self.proc.stdin.fileno())
         _widen(self.proc.stdout.fileno())  # a finished result waits in the pipe, not in the helper
         self.unanswered = 0  # bytes sent that have no answer yet
@@ -100,15 +105,15 @@ def _size(chunk: Chunk) -> int:
 
 
 class HelperPool:
-    """`with HelperPool(n, fmt) as pool: for result in pool.map(source, chunks): ...`"""
+    """`with HelperPool(n, fmt, tools) as pool: for result in pool.map(source, chunks): ...`"""
 
-    def __init__(self, n: int, fmt: str):
-        self.fmt, self.lost = fmt, 0  # lost: helpers that could not start or died
+    def __init__(self, n: int, fmt: str, tools: str | None = None):
+        self.fmt, self.tools, self.lost = fmt, tools, 0  # lost: helpers that could not start or died
         self.helpers: list[Helper] = []
         self.pending: collections.deque = collections.deque()  # (helper or None: here, chunk), oldest first
         for _ in range(n):
             try:
-                self.helpers.append(Helper(fmt))
+                self.helpers.append(Helper(fmt, tools))
             except OSError as e:  # no usable interpreter to start: parse here instead
                 self.lost += 1
                 log.warning("ingest: could not start a helper process (%s); parsing in this process", e)
@@ -171,7 +176,7 @@ class HelperPool:
         if result is None:  # it died (killed, out of memory): redo its chunk here, in its place
             if helper in self.helpers:
                 self._lose(helper)
-            return normalize_lines(*chunk, self.fmt)
+            return normalize_lines(*chunk, self.fmt, self.tools)
         return result
 
     def _lose(self, helper: Helper) -> None:
@@ -211,11 +216,13 @@ def serve(fmt: str) -> None:
     if "pandas" not in sys.modules:
         sys.meta_path.insert(0, _NoPandas())
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    (n_tools,) = _TOOLS.unpack(stdin.read(_TOOLS.size))
+    tools = None if n_tools < 0 else stdin.read(n_tools).decode()
     gc.freeze()  # the imports' objects: per-record garbage collection then scans only new ones
     while len(header := stdin.read(_REQUEST.size)) == _REQUEST.size:
         n_source, start, n_data = _REQUEST.unpack(header)
         source = stdin.read(n_source).decode()
         data = stdin.read(n_data)
-        stdout.write(encode(normalize_lines(source, start, data, fmt)))
+        stdout.write(encode(normalize_lines(source, start, data, fmt, tools)))
         stdout.flush()
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate import logprobs, models, rewards
+from curate.messages import parse_tools
 from curate.stages.base import Stage
 
 LOGP_COLUMNS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
@@ -31,7 +32,7 @@ class PairScoresConfig:
 class PairScores(Stage):
     name = "pair_scores"
     runs_model = True
-    reads = ("prompt", "chosen_text", "rejected_text")
+    reads = ("prompt", "chosen", "rejected_text", "tools")
     writes = pa.schema([*[(c, pa.float64()) for c in LOGP_COLUMNS],
                         ("rm_score_chosen", pa.float32()), ("rm_score_rejected", pa.float32()),
                         ("chosen_len_tokens", pa.int32()), ("rejected_len_tokens", pa.int32())])
@@ -47,7 +48,11 @@ class PairScores(Stage):
         device = models.resolve_device(c.device)
         prompts = shard.column("prompt").to_pylist()
         todo = [i for i, p in enumerate(prompts) if p is not None]
-        chosen, rejected = (shard.column(k).to_pylist() for k in ("chosen_text", "rejected_text"))
+        tools = [parse_tools(t) for t in shard.column("tools").to_pylist()]
+        # y is the demonstration's whole turn (tool calls included); ỹ is the generated text
+        chosen = [turn[0] if turn else None for turn in shard.column("chosen").to_pylist()]
+        rejected = [None if t is None else {"role": "assistant", "content": t}
+                    for t in shard.column("rejected_text").to_pylist()]
         n = shard.num_rows
         cols = {name: np.full(n, np.nan) for name in LOGP_COLUMNS + ("rm_score_chosen", "rm_score_rejected")}
         lens = {"chosen_len_tokens": [None] * n, "rejected_len_tokens": [None] * n}
@@ -55,7 +60,7 @@ class PairScores(Stage):
             policy = models.resolve(c.model, c.trust_remote_code)
             tok = models.load_tokenizer(policy)
             for side, texts in (("chosen", chosen), ("rejected", rejected)):
-                pairs = [logprobs.split_ids(tok, prompts[i], texts[i]) for i in todo]
+                pairs = [logprobs.split_ids(tok, prompts[i], texts[i], tools[i]) for i in todo]
                 for i, (_, reply) in zip(todo, pairs):
                     lens[f"{side}_len_tokens"][i] = len(reply)
                 logp = logprobs.sequence_logps(models.load_model(policy, device), pairs, c.batch_tokens, device)
@@ -67,9 +72,9 @@ class PairScores(Stage):
                     logp = logprobs.sequence_logps(models.load_model(ref, device), pairs, c.batch_tokens, device)
                 cols[f"ref_{side}_logps"][todo] = logp
                 if c.reward_model:
-                    convs = [[*prompts[i], {"role": "assistant", "content": texts[i]}] for i in todo]
+                    convs = [[*prompts[i], texts[i]] for i in todo]
                     cols[f"rm_score_{side}"][todo] = rewards.score(c.reward_model, convs, c.device, c.batch_tokens,
-                                                                     c.trust_remote_code)
+                                                                     c.trust_remote_code, [tools[i] for i in todo])
         out = {k: pa.array(v, mask=np.isnan(v)) for k, v in cols.items()}
         out.update({k: pa.array(v, pa.int32()) for k, v in lens.items()})
         return self.check(shard, pa.table(out))

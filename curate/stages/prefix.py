@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from curate import chat, models
+from curate.messages import parse_tools
 from curate.stages.base import Stage
 
 # a cut after a token whose text ends a line, or ends a sentence and is followed by whitespace
@@ -32,6 +33,7 @@ PREFIX_MODES = ("rl", "all", "none")   # which routed rows carry the annotations
 class PrefixConfig:
     tokenizer: str | None = None      # whose tokens L counts (default: the probe model's)
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
+    chat_template: str | None = None  # template text used instead of the tokenizer's (--chat-template)
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,12 @@ class Demo:
     cut_points: list[int]
 
 
-def demo_text(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+def demo_text(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+              chat_template: str | None = None) -> tuple[str, list[int]]:
     """The demonstration after the prompt, and the character offsets (in it) where assistant turns
-    after the first begin: turn boundaries of an agent transcript."""
-    text, spans = chat.assistant_spans(tokenizer, messages)
+    after the first begin: turn boundaries of an agent transcript. Tool calls and results are in it as
+    the template renders them (with `tools`)."""
+    text, spans = chat.assistant_spans(tokenizer, messages, tools, chat_template)
     if not spans:
         return "", []
     last = [m for m in messages if m["role"] == "assistant"][-1]["content"]
@@ -67,8 +71,9 @@ def cut_points(text: str, offsets: list[tuple[int, int]], turn_starts: list[int]
     return sorted(c for c in cuts if 0 < c < n)
 
 
-def annotate(tokenizer, messages: list[dict]) -> Demo | None:
-    text, turn_starts = demo_text(tokenizer, messages)
+def annotate(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+             chat_template: str | None = None) -> Demo | None:
+    text, turn_starts = demo_text(tokenizer, messages, tools, chat_template)
     if not text:
         return None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -77,7 +82,7 @@ def annotate(tokenizer, messages: list[dict]) -> Demo | None:
 
 class Prefix(Stage):
     name = "prefix"
-    reads = ("messages",)
+    reads = ("messages", "tools")
     writes = pa.schema([("demo", pa.string()), ("demo_len_tokens", pa.int32()),
                         ("cut_points", pa.list_(pa.int32()))])
 
@@ -85,11 +90,13 @@ class Prefix(Stage):
         return {**super().identity(), "tokenizer": models.identity(models.resolve(self.config.tokenizer, self.config.trust_remote_code))}
 
     def run(self, shard: pa.Table) -> pa.Table:
-        tok = models.load_tokenizer(models.resolve(self.config.tokenizer, self.config.trust_remote_code))
+        c = self.config
+        tok = models.load_tokenizer(models.resolve(c.tokenizer, c.trust_remote_code),
+                                    require_template=c.chat_template is None)
         rows = {k: [] for k in self.writes.names}
-        for messages in shard.column("messages").to_pylist():
+        for messages, tools in zip(shard.column("messages").to_pylist(), shard.column("tools").to_pylist()):
             try:
-                demo = annotate(tok, messages)
+                demo = annotate(tok, messages, parse_tools(tools), c.chat_template)
             except ValueError:  # the tokenize stage quarantines it with the reason
                 demo = None
             rows["demo"].append(demo.text if demo else None)

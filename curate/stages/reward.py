@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from curate import models, rewards
+from curate.messages import parse_tools
 from curate.stages.base import Stage
 
 
@@ -24,7 +25,7 @@ class RewardConfig:
 class Reward(Stage):
     name = "reward"
     runs_model = True
-    reads = ("messages",)
+    reads = ("messages", "tools")
     writes = pa.schema([("rm_score", pa.float32())])
 
     def identity(self) -> dict:
@@ -32,6 +33,7 @@ class Reward(Stage):
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config
+        tools = [parse_tools(t) for t in shard.column("tools").to_pylist()]
         scores = rewards.score(c.reward_model, shard.column("messages").to_pylist(), c.device, c.batch_tokens,
-                               c.trust_remote_code)
+                               c.trust_remote_code, tools)
         return self.check(shard, pa.table({"rm_score": scores}))

@@ -1,4 +1,7 @@
-"""Stage `tokenize`: chat template + assistant-only loss mask, explicit left truncation."""
+"""Stage `tokenize`: chat template + assistant-only loss mask, explicit left truncation.
+
+The record's `tools` and every tool field of its messages go to the model's own chat template; a
+record the template refuses is quarantined with the template's message (see curate/chat.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from curate import chat, models
+from curate.messages import parse_tools
 from curate.stages.base import Stage
 
 
@@ -16,35 +20,52 @@ class TokenizeConfig:
     model: str | None = None          # whose tokenizer and chat template (the probe model's)
     max_length: int | None = None     # cut the start of longer examples, keeping the last turns
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
+    chat_template: str | None = None  # template text used instead of the tokenizer's (--chat-template FILE)
 
 
 class Tokenize(Stage):
     name = "tokenize"
-    reads = ("messages",)
+    reads = ("messages", "tools")
     writes = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
                         ("n_tokens", pa.int64()), ("n_loss_tokens", pa.int64()), ("truncated", pa.bool_()),
-                        ("token_error", pa.string())])
+                        ("token_error", pa.string()), ("tool_rendering", pa.string())])
 
     def identity(self) -> dict:
         ref = models.resolve(self.config.model, self.config.trust_remote_code)
         return {**super().identity(), "tokenizer": models.identity(ref)}
 
+    def tokenizer(self):
+        ref = models.resolve(self.config.model, self.config.trust_remote_code)
+        return models.load_tokenizer(ref, require_template=self.config.chat_template is None)
+
+    def describe(self) -> dict:
+        """The template that produced the tokens (its sha256, and whether it came from --chat-template)
+        and how it renders tool calls: what the manifest's `chat_template` reports."""
+        tok = self.tokenizer()
+        return {"chat_template": {"sha256": chat.template_sha256(tok, self.config.chat_template),
+                                  "source": "--chat-template" if self.config.chat_template else "tokenizer",
+                                  "tool_support": chat.tool_support(tok, self.config.chat_template)}}
+
     def run(self, shard: pa.Table) -> pa.Table:
-        tok = models.load_tokenizer(models.resolve(self.config.model, self.config.trust_remote_code))
+        tok = self.tokenizer()
         rows = {k: [] for k in self.writes.names}
-        for messages in tqdm(shard.column("messages").to_pylist(), desc="tokenize", unit="ex", leave=False):
+        tools = shard.column("tools").to_pylist() if "tools" in shard.column_names else [None] * shard.num_rows
+        for messages, record_tools in tqdm(zip(shard.column("messages").to_pylist(), tools), total=shard.num_rows,
+                                           desc="tokenize", unit="ex", leave=False):
             error = None
             try:
-                enc = chat.encode(tok, messages, self.config.max_length)
+                enc = chat.encode(tok, messages, self.config.max_length, tools=parse_tools(record_tools),
+                                  chat_template=self.config.chat_template)
                 if enc.n_loss_tokens == 0:
                     error = (f"no assistant tokens left after truncation to {self.config.max_length} tokens"
                              if enc.truncated else "no assistant tokens after the chat template")
-            except ValueError as e:
-                enc, error = chat.Encoded([], [], False), f"chat template: {e}"
+            except ValueError as e:  # chat.TemplateError says "chat template: ..." itself
+                enc, error = chat.Encoded([], [], False), str(e) if str(e).startswith("chat template") else f"chat template: {e}"
             rows["input_ids"].append(enc.input_ids)
             rows["loss_mask"].append(enc.loss_mask)
             rows["n_tokens"].append(len(enc.input_ids))
             rows["n_loss_tokens"].append(enc.n_loss_tokens)
             rows["truncated"].append(enc.truncated)
             rows["token_error"].append(error)
+            rows["tool_rendering"].append(getattr(enc, "tool_rendering", None))
         return self.check(shard, pa.table(rows))

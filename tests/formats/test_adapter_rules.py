@@ -150,10 +150,17 @@ def test_trl_preference_pairs_use_chosen():
 
 
 def test_sharegpt_roles_and_system():
+    call = '{"name": "f", "arguments": {"x": 1}}'
     raw = {"system": "sys", "conversations": [
-        {"from": "human", "value": "q"}, {"from": "function_call", "value": "f()"},
+        {"from": "human", "value": "q"}, {"from": "function_call", "value": call},
         {"from": "observation", "value": "42"}, {"from": "gpt", "value": "done"}]}
-    assert normalize(raw).messages == msgs(("system", "sys"), (U, "q"), (A, "f()"), ("tool", "42"), (A, "done"))
+    expected = msgs(("system", "sys"), (U, "q"), (A, ""), ("tool", "42"), (A, "done"))
+    expected[2]["tool_calls"] = [{"id": None, "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    assert normalize(raw).messages == expected
+    # a function_call turn that is not the JSON of a call is refused, not kept as assistant text
+    raw["conversations"][1]["value"] = "f()"
+    with pytest.raises(BadRecord, match="message 1: function_call value is not JSON"):
+        normalize(raw)
 
 
 def test_alpaca_input_system_and_history():

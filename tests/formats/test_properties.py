@@ -40,7 +40,7 @@ message_dicts = st.builds(lambda r, c: {"role": r, "content": c}, st.sampled_fro
 
 def fits_record_schema(n: Normalized) -> None:
     row = {"id": record_id(n), "source": "x", "source_index": 0, "format": n.format, "messages": n.messages,
-           "ground_truth": n.ground_truth, "reward": n.reward}
+           "tools": n.tools, "ground_truth": n.ground_truth, "reward": n.reward}
     pa.Table.from_pylist([row], schema=schema.arrow_schema(schema.RECORD))
 
 
@@ -54,7 +54,10 @@ def test_any_record_is_normalized_or_refused_with_a_reason(raw):
         return
     roles = [m["role"] for m in n.messages]
     assert "assistant" in roles and set(roles) <= set(ROLES)
-    assert all(isinstance(m["content"], str) and m["content"].strip() for m in n.messages)
+    # blank content only where a turn may be blank: system and tool turns, assistant turns that call tools
+    assert all(isinstance(m["content"], str) and (m["content"].strip() or m["role"] in ("system", "tool") or
+                                                  m.get("tool_calls") or m.get("reasoning_content"))
+               for m in n.messages)
     assert n.reward is None or isinstance(n.reward, float)
     fits_record_schema(n)
 

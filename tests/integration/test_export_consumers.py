@@ -192,10 +192,11 @@ def test_verl_sft_dataset_loads_the_export(exports, tiny_model_dir):
 
 
 def _check_sharegpt(rows: list[dict], entry: dict, name: str) -> None:
-    """LLaMA-Factory's ShareGPT converter rules; it skips a row that breaks one, so none may."""
+    """LLaMA-Factory's ShareGPT converter rules (SharegptDatasetConverter); it skips a row that breaks
+    one, so none may. function_call turns take assistant slots, observations user slots."""
     cols, tags = entry["columns"], entry["tags"]
     odd = (tags["user_tag"], tags["observation_tag"])
-    even = (tags["assistant_tag"],)
+    even = (tags["assistant_tag"], tags.get("function_tag", "function_call"))
     for i, row in enumerate(rows):
         turns = row[cols["messages"]]
         assert isinstance(row[cols["system"]], str), f"{name}:{i} system"

@@ -2,9 +2,10 @@
 
     export("routed/", "trl", "exports/trl")   # or "verl", "openrlhf", "llamafactory"
 
-One file per partition (`sft.<ext>`, `rl.<ext>`, `pairs.<ext>`), streamed shard by shard, plus a
-manifest.json (files, rows, columns, sha256). Everything is built in a staging folder next to OUT and
-swapped in, so OUT is always a complete export; the same routed folder gives the same bytes."""
+One file per partition (`sft.<ext>`, `rl.<ext>`, `pairs.<ext>`), streamed shard by shard after one
+scan of the partition's shards (its schema: which message fields any row uses), plus a manifest.json
+(files, rows, columns, sha256). Everything is built in a staging folder next to OUT and swapped in,
+so OUT is always a complete export; the same routed folder gives the same bytes."""
 
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def export(routed_dir: str | Path, to: str, out: str | Path) -> dict:
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        files, skipped = _write_partitions(target, parts, staging)
-        extra = target.finish(staging, {p: f["file"] for p, f in files.items()}) if hasattr(target, "finish") else []
+        files, skipped, scans = _write_partitions(target, parts, staging)
+        extra = target.finish(staging, {p: f["file"] for p, f in files.items()}, scans) \
+            if hasattr(target, "finish") else []
         manifest = {
             "export": {"target": to, "routed": str(routed), "curate_version": curate.__version__,
                        "routed_manifest_sha256": file_sha256(routed / "manifest.json")},
@@ -77,20 +79,23 @@ def export(routed_dir: str | Path, to: str, out: str | Path) -> dict:
     return manifest
 
 
-def _write_partitions(target: ModuleType, parts: dict[str, list[Path]], staging: Path) -> tuple[dict, dict]:
-    sinks, skipped = {}, {}
+def _write_partitions(target: ModuleType, parts: dict[str, list[Path]],
+                      staging: Path) -> tuple[dict, dict, dict[str, common.Partition]]:
+    """Each partition: scanned (every shard once), then converted shard by shard into one file."""
+    sinks, skipped, scans = {}, {}, {}
     with ExitStack() as stack:  # every file is renamed into staging/ when the stack closes
         for part, shards in parts.items():
             if part not in target.PARTITIONS:
                 skipped[part] = target.UNSUPPORTED[part]
                 continue
+            scan = scans[part] = common.scan_partition(part, shards)
             sink = sinks[part] = common.FileSink(staging / f"{part}.{target.EXT}", target.KIND, stack)
-            for path, table in common.read_shards(shards):
-                converted = target.convert(part, table, path, sink.rows)
+            for path, table in common.read_shards(scan):
+                converted = target.convert(part, table, path, sink.rows, scan)
                 if isinstance(converted, pa.Table):
                     sink.write_table(converted)
                 else:
                     sink.write_rows(converted)
     files = {p: {"file": s.path.name, "partition": p, "rows": s.rows, "columns": s.columns,
                  "sha256": file_sha256(s.path)} for p, s in sinks.items() if s.path.exists()}
-    return files, skipped
+    return files, skipped, scans

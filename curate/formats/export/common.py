@@ -1,11 +1,18 @@
 """What every export target shares: reading a routed folder shard by shard, the row conventions
 (trimmed SFT conversations, one type for `ground_truth`, completions without their prompt) and
-streaming writers that commit one file atomically however many shards go into it."""
+streaming writers that commit one file atomically however many shards go into it.
+
+Messages leave curate in one of two forms. Arrow/Parquet files keep the message struct, without the
+optional fields (`tool_calls`, `tool_call_id`, `name`, `reasoning_content`) that no message of the
+column has anywhere in the partition: tool-free data keeps the `{role, content}` struct it always had,
+tool data keeps its tool fields (null in the messages that have none). JSON-lines files write each
+message compacted (`curate.messages.compact`: no null optional fields)."""
 
 from __future__ import annotations
 
 import json
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -13,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.io.atomic import atomic_path, read_arrow
+from curate.messages import OPTIONAL_FIELDS, compact_all
 
 PARTITIONS = ("sft", "rl", "pairs")
 # Columns holding message lists; everything else that is not a list is a "scalar" column.
@@ -34,10 +42,66 @@ def partition_schema(files: list[Path]) -> pa.Schema:
     return pa.unify_schemas(schemas, promote_options="permissive")
 
 
-def read_shards(files: list[Path]) -> Iterator[tuple[Path, pa.Table]]:
-    """Shards in file order, cast to the partition's unified schema (one shard in memory at a time)."""
-    schema = partition_schema(files)
+@dataclass(frozen=True)
+class Partition:
+    """One partition as a scan of all its shards found it, before any row is converted.
+
+    schema: what every shard is cast to: types unified across shards, and message columns without the
+    optional fields that no message of that column has in any shard. filled: the columns with at least
+    one non-null value in some shard (say `tools`)."""
+
+    name: str
+    files: tuple[Path, ...]
+    schema: pa.Schema
+    filled: frozenset[str]
+
+    def has(self, column: str) -> bool:
+        return column in self.filled
+
+    def has_message_field(self, name: str) -> bool:
+        """Whether some message column of the partition carries optional field `name` (say `tool_calls`)."""
+        return any(name in struct.names for f in self.schema if f.name in MESSAGE_COLUMNS
+                   for struct in [_message_struct(f.type)] if struct is not None)
+
+
+def _message_struct(type_: pa.DataType) -> pa.StructType | None:
+    if pa.types.is_list(type_) and pa.types.is_struct(type_.value_type):
+        return type_.value_type
+    return None
+
+
+def scan_partition(name: str, files: list[Path]) -> Partition:
+    """Reads every shard once (one in memory at a time) for the partition's schema and filled columns."""
+    unified = partition_schema(files)
+    filled: set[str] = set()
+    used: set[tuple[str, str]] = set()          # (message column, optional field) with a value somewhere
     for f in files:
+        table = read_arrow(f)
+        for col in table.column_names:
+            chunked = table.column(col)
+            if chunked.null_count < len(chunked):
+                filled.add(col)
+            if col not in MESSAGE_COLUMNS or _message_struct(chunked.type) is None:
+                continue
+            for chunk in chunked.chunks:
+                messages = chunk.flatten()                  # the struct of every message in the chunk
+                for field, values in zip(messages.type, messages.flatten()):
+                    if field.name in OPTIONAL_FIELDS and values.null_count < len(values):
+                        used.add((col, field.name))
+    fields = []
+    for field in unified:
+        struct = _message_struct(field.type) if field.name in MESSAGE_COLUMNS else None
+        if struct is not None:
+            kept = [m for m in struct if m.name not in OPTIONAL_FIELDS or (field.name, m.name) in used]
+            field = field.with_type(pa.list_(pa.struct(kept)))
+        fields.append(field)
+    return Partition(name, tuple(files), pa.schema(fields, metadata=unified.metadata), frozenset(filled))
+
+
+def read_shards(part: Partition) -> Iterator[tuple[Path, pa.Table]]:
+    """Shards in file order, cast to the partition's scanned schema (one shard in memory at a time)."""
+    schema = part.schema
+    for f in part.files:
         table = read_arrow(f)
         yield f, table.select(schema.names).cast(schema) if table.schema != schema else table
 
@@ -61,9 +125,11 @@ def ground_truth(value: str | None) -> str:
 
 
 def completion(prompt: list[dict], messages: list[dict]) -> list[dict]:
-    """`chosen`/`rejected` without the prompt when they repeat it (TRL's explicit-prompt form)."""
+    """`chosen`/`rejected` without the prompt when they repeat it (TRL's explicit-prompt form). Compared
+    compacted: the two columns may carry different optional fields, null where a message has none."""
     n = len(prompt)
-    return list(messages[n:]) if n and list(messages[:n]) == list(prompt) else list(messages)
+    same = n and compact_all(messages[:n]) == compact_all(prompt)
+    return list(messages[n:]) if same else list(messages)
 
 
 def ability(fmt: str | None, truth: str) -> str:
@@ -71,8 +137,23 @@ def ability(fmt: str | None, truth: str) -> str:
 
 
 def scalar_columns(schema: pa.Schema) -> list[str]:
-    """Columns that are not lists or structs: ids, provenance, scores, weights (what JSON exports keep)."""
+    """Columns that are not lists or structs: ids, provenance, scores, weights, `tools` (JSON text)."""
     return [f.name for f in schema if not pa.types.is_nested(f.type)]
+
+
+def json_messages(row: dict) -> dict:
+    """A row (from `to_pylist`) with each of its message columns compacted, for JSON-lines files."""
+    for col in MESSAGE_COLUMNS:
+        if isinstance(row.get(col), list):
+            row[col] = compact_all(row[col])
+    return row
+
+
+def tool_names(tools: str | None) -> list[str] | None:
+    """Names of the functions in a `tools` value (canonical JSON text), in order; None when it is null."""
+    if tools is None:
+        return None
+    return [(t.get("function") or t)["name"] for t in json.loads(tools)]
 
 
 def with_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
@@ -124,8 +205,9 @@ class FileSink:
 # --- table conversions shared by the columnar targets (TRL arrow, verl parquet) ---
 
 # SFT rows drop these: TRL's SFTTrainer reads a `prompt` column as the prompt-completion type (and then
-# wants `completion`), so `messages` must be the only conversation it sees.
-SFT_RESERVED = ("prompt", "completion", "text", "tools", "chat_template_kwargs")
+# wants `completion`), so `messages` must be the only conversation it sees. `tools` stays: SFTTrainer
+# passes it (JSON text, parsed per example) to the chat template with the conversation.
+SFT_RESERVED = ("prompt", "completion", "text", "chat_template_kwargs")
 
 
 def sft_table(table: pa.Table, path: Path) -> pa.Table:

@@ -4,7 +4,12 @@
 - rl.arrow: prompt-only (`prompt` message list) for `GRPOTrainer`; every other column (`ground_truth`,
   `reward`, scores, ...) reaches reward functions as a keyword argument.
 - pairs.arrow: conversational preference with explicit prompt (`prompt`, `chosen`, `rejected`) for
-  `DPOTrainer`, with `ref_chosen_logps` / `ref_rejected_logps` when `curate irft` computed them."""
+  `DPOTrainer`, with `ref_chosen_logps` / `ref_rejected_logps` when `curate irft` computed them.
+
+Tool conversations: messages keep `tool_calls` (each call's `arguments` the JSON text), `tool` turns
+keep `tool_call_id` / `name`, assistant turns `reasoning_content`, and the `tools` column (JSON text of
+the function schemas, null without) stays on every file: `SFTTrainer` and `DPOTrainer` parse it per
+example and hand it to the chat template with the conversation."""
 
 from __future__ import annotations
 
@@ -19,5 +24,5 @@ PARTITIONS = ("sft", "rl", "pairs")
 UNSUPPORTED: dict[str, str] = {}
 
 
-def convert(partition: str, table: pa.Table, path: Path, offset: int) -> pa.Table:
+def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition) -> pa.Table:
     return common.partition_table(partition, table, path)

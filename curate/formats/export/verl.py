@@ -5,7 +5,12 @@ rl.parquet rows: `data_source` ("curate/<input format>", what a custom reward fu
 `extra_info` {index, split, id, provenance, scores, reward, Prefix-RFT token annotations} and, when the
 prefix stage ran, `demos` (list of strings) and `demos_corr` (list of bools) as Prefix-RFT's
 PrefixRFTDataset reads them. sft.parquet rows: `messages` (ending with an assistant turn) and the
-scalar columns."""
+scalar columns.
+
+Tool conversations: `prompt` / `messages` keep their tool fields (see common.py); rl rows carry
+`extra_info.tools` (the JSON text of the row's function schemas, null without) and
+`extra_info.tool_selection` (their names, null without: verl's ToolAgentLoop offers a row only these
+of the tools in its tool config); sft rows keep the `tools` column (JSON text)."""
 
 from __future__ import annotations
 
@@ -21,10 +26,10 @@ UNSUPPORTED = {"pairs": "verl has no preference-pair (DPO) trainer; export pairs
 # Columns copied into extra_info when present (reward functions receive extra_info).
 EXTRA_INFO = ("id", "source", "source_index", "format", "reward", "score", "gini", "cv", "kurtosis",
               "probe_loss", "grad_norm_total", "route", "threshold", "weight", "return", "rm_score",
-              "implicit_reward", "demo_len_tokens", "cut_points")
+              "implicit_reward", "demo_len_tokens", "cut_points", "tools")
 
 
-def convert(partition: str, table: pa.Table, path: Path, offset: int) -> pa.Table:
+def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition) -> pa.Table:
     if partition == "sft":
         table = common.sft_table(table, path)
         return table.select(["messages", *[c for c in common.scalar_columns(table.schema) if c != "messages"]])
@@ -34,13 +39,17 @@ def convert(partition: str, table: pa.Table, path: Path, offset: int) -> pa.Tabl
 def rl_table(table: pa.Table, offset: int) -> pa.Table:
     names = table.column_names
     extra_cols = [c for c in EXTRA_INFO if c in names]
+    # verl's ToolAgentLoop (0.9) offers a row only the tools its extra_info.tool_selection names
+    selection = [("tool_selection", pa.list_(pa.string()))] if "tools" in names else []
     extra_type = pa.struct([("index", pa.int64()), ("split", pa.string()),
-                            *[(c, table.schema.field(c).type) for c in extra_cols]])
+                            *[(c, table.schema.field(c).type) for c in extra_cols], *selection])
     fmts = table.column("format").to_pylist() if "format" in names else [None] * len(table)
     truths = table.column("ground_truth").to_pylist()
     extras = table.select(extra_cols).to_pylist()
     for i, extra in enumerate(extras):
         extra.update(index=offset + i, split="train")
+        if selection:
+            extra["tool_selection"] = common.tool_names(extra["tools"])
     cols = {
         "data_source": pa.array([f"curate/{f or 'unknown'}" for f in fmts], pa.string()),
         "prompt": table.column("prompt"),
