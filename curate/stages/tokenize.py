@@ -1,7 +1,7 @@
 """Stage `tokenize`: chat template + assistant-only loss mask, explicit left truncation.
 
 The record's `tools` and every tool field of its messages go to the model's own chat template; a
-record the template refuses is quarantined with the template's message (see curate/chat.py)."""
+record the template refuses is quarantined with the template's message (see curate/chat/)."""
 
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ class Tokenize(Stage):
                 if enc.n_loss_tokens == 0:
                     error = (f"no assistant tokens left after truncation to {self.config.max_length} tokens"
                              if enc.truncated else "no assistant tokens after the chat template")
-            except ValueError as e:  # chat.TemplateError says "chat template: ..." itself
-                enc, error = chat.Encoded([], [], False), str(e) if str(e).startswith("chat template") else f"chat template: {e}"
+            except ValueError as e:  # chat.TemplateError's message starts with "chat template: " itself
+                enc = chat.Encoded([], [], False)
+                error = str(e) if isinstance(e, chat.TemplateError) else f"chat template: {e}"
             rows["input_ids"].append(enc.input_ids)
             rows["loss_mask"].append(enc.loss_mask)
             rows["n_tokens"].append(len(enc.input_ids))

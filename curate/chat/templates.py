@@ -1,0 +1,44 @@
+"""The chat template itself: which text is used, its identity, and rendering with every error turned
+into TemplateError (a ValueError whose message starts with "chat template: ")."""
+
+from __future__ import annotations
+
+import hashlib
+
+class TemplateError(ValueError):
+    """The chat template refused the record (its own message follows), or an assistant turn cannot be
+    found in, or renders nothing of its own in, the rendered text. str(e) starts with "chat template: "."""
+
+
+def template_text(tokenizer, chat_template: str | None = None, tools: list[dict] | None = None) -> str:
+    """The template text `apply_chat_template` would use: `chat_template` (a template, or the name of one
+    of the tokenizer's named templates) or the tokenizer's own. TemplateError when there is none."""
+    try:
+        return tokenizer.get_chat_template(chat_template, tools or None)
+    except Exception as e:  # noqa: BLE001 - transformers says why in a ValueError
+        raise template_error(e) from e
+
+
+def template_sha256(tokenizer, chat_template: str | None = None) -> str:
+    """Hex sha256 of the template text used (UTF-8): what a manifest records to identify it."""
+    return hashlib.sha256(template_text(tokenizer, chat_template).encode("utf-8")).hexdigest()
+
+
+def render_template(tokenizer, template: str, messages: list[dict], tools: list[dict] | None,
+            generation_prompt: bool = False) -> str:
+    """apply_chat_template on messages already in template form; every error becomes TemplateError."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - a template can raise anything (raise_exception, TypeError, ...)
+        raise template_error(e) from e
+
+
+def template_error(e: Exception) -> TemplateError:
+    import jinja2
+
+    if isinstance(e, TemplateError):
+        return e
+    # raise_exception(...) in a template raises jinja2's base TemplateError with the template's words
+    message = str(e) if type(e) is jinja2.exceptions.TemplateError else f"{type(e).__name__}: {e}"
+    return TemplateError(f"chat template: {message}")
