@@ -103,6 +103,11 @@ def role_content_messages(items: list, offset: int = 0, notes: list[str] | None 
     in errors. A legacy `function_call` on an assistant turn is read as its one tool call."""
     out, notes = [], [] if notes is None else notes
     for i, item in enumerate(items, start=offset):
+        if type(item) is dict and len(item) == 2:  # the common case, checked inline (ingest's hot path):
+            role, content = item.get("role"), item.get("content")  # a plain {role, content} with text
+            if role in ROLES and type(content) is str and content.isascii() and content and not content.isspace():
+                out.append({"role": role, "content": content})
+                continue
         m = _message_dict(i, item)
         role = _role(i, m.get("role"), _OPENAI_ROLES, notes)
         calls = tools.tool_calls(i, m.get("tool_calls"))
