@@ -206,6 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls=PrismConfig, only: tuple[
             parser.add_argument(flag, action="store_true", help=kw["help"])
             continue
         base = _scalar_type(f, cls)
+        if kw.get("nargs") == "+":  # `--input a --input b` reads both (argparse would keep only b)
+            kw["action"] = "extend"
         parser.add_argument(flag, type=base, default=argparse.SUPPRESS, required=f.name == "input" and only is None, **kw)
 
 

@@ -61,6 +61,21 @@ def identity(cfg: GenerationConfig) -> dict:
             "model": models.identity(models.resolve(cfg.model, cfg.trust_remote_code))}
 
 
+def template_problem(cfg: GenerationConfig, conversation: list[dict], tools: list[dict] | None = None,
+                     reply: dict | None = None) -> str | None:
+    """Why the generator's chat template refuses to render this prompt (or the prompt and `reply`) as a
+    quarantine reason ("chat template: ..."); None when it renders. Checked before generating, so one
+    refused record is quarantined instead of stopping the batch."""
+    tok = models.load_tokenizer(models.resolve(cfg.model, cfg.trust_remote_code))
+    try:
+        chat.render(tok, conversation, generation_prompt=True, tools=tools)
+        if reply is not None:
+            chat.render(tok, [*conversation, reply], tools=tools)
+    except chat.TemplateError as e:
+        return str(e)
+    return None
+
+
 def row_seed(*parts) -> int:
     """A 63-bit seed from anything hashable to JSON (e.g. base seed, record id, sample, turn)."""
     return int(stable_hash(list(parts))[:15], 16)

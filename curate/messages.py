@@ -40,7 +40,7 @@ def parse_tools(text: str | None) -> list[dict] | None:
 
 def dump_tools(tools: list[dict] | None) -> str | None:
     """The `tools` column value: compact JSON text, key order as given, non-ASCII kept."""
-    return None if tools is None else json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+    return None if tools is None else json.dumps(tools, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def call_arguments(text: str):

@@ -226,3 +226,44 @@ def test_a_template_that_refuses_a_record_quarantines_it(tmp_path, tiny_model_di
     assert m["counts"]["quarantined"] == 1 and m["counts"]["sft"] + m["counts"]["rl"] == 1
     bad = [json.loads(line) for line in (out / "quarantine" / "part-00000.jsonl").read_text().splitlines()]
     assert bad[0]["source_index"] == 1 and bad[0]["reason"].startswith("chat template: ")
+
+
+def test_drift_and_irft_quarantine_a_record_the_template_refuses(tmp_path, tiny_model_dir):
+    """The generator's template (Gemma's) refuses a system turn: that record is quarantined with the
+    template's words; the other is generated from; both jobs exit 0 with counts that reconcile."""
+    import shutil
+
+    model = tmp_path / "gemma-templated"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(trl_template("gemma.jinja").read_text())
+    ok = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "ground_truth": "4"}
+    refused = {**ok, "messages": [{"role": "system", "content": "Be brief."}, *ok["messages"]]}
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps(ok) + "\n" + json.dumps(refused) + "\n")
+    for job, extra in (("irft", []), ("drift", ["--verifier", "exact", "--samples", "1", "--turns", "1"])):
+        out = tmp_path / job
+        assert main([job, "--input", str(data), "--out", str(out), "--model", str(model),
+                     "--max-new-tokens", "4", *extra]) == 0
+        bad = [json.loads(x) for x in (out / "quarantine" / "part-00000.jsonl").read_text().splitlines()]
+        assert [(b["source_index"], b["reason"]) for b in bad] == [(1, "chat template: System role not supported")]
+
+
+def test_tools_option_errors_are_usage_errors_naming_the_option(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "tau.jsonl").write_text(TAU.read_text().splitlines()[0] + "\n")
+    (data / "tools.json").write_text(TAU_TOOLS.read_text())
+    base = ["prism", "--out", str(tmp_path / "o"), "--model", tiny_model_dir]
+    for tools in (tmp_path, tmp_path / "missing.json"):  # a folder, a missing file
+        assert main([*base, "--input", str(data), "--tools", str(tools)]) == 2
+        assert f"--tools {tools}" in capsys.readouterr().err
+    # the tools file given as the only input is not silently an empty run
+    assert main([*base, "--input", str(data / "tools.json"), "--tools", str(data / "tools.json")]) == 2
+    assert "no input file besides the --tools file" in capsys.readouterr().err
+
+
+def test_repeated_input_options_read_every_input(tmp_path, tiny_model_dir):
+    out = tmp_path / "o"
+    assert main(["prism", "--input", str(TAU), "--input", str(GLAIVE), "--tools", str(TAU_TOOLS), "--out", str(out),
+                 "--model", tiny_model_dir, "--max-length", "256", "--prefix", "none"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["counts"]["input"] == 12 + 30

@@ -131,9 +131,20 @@ def normalize(raw: dict, fmt: str = "auto", default_tools: str | None = None) ->
         (messages, truth), reward = _CONVERTERS[fmt](raw, notes), recorded_reward(raw)
     validate_messages(messages)
     truth = _ground_truth(raw, truth, messages)
-    tools = parse_tools(raw["tools"]) if raw.get("tools") is not None else default_tools
+    tools = _record_tools(raw, default_tools, notes)
     return Normalized(fmt, messages, truth if truth is None else check_unicode("ground truth", truth), reward,
                       tools, tuple(notes))
+
+
+def _record_tools(raw: dict, default: str | None, notes: list[str]) -> str | None:
+    """The record's `tools`, else OpenAI's legacy `functions` (bare schemas), else --tools FILE."""
+    if raw.get("tools") is not None:
+        if raw.get("functions") is not None:
+            notes.append("legacy 'functions' beside 'tools' not kept")
+        return parse_tools(raw["tools"])
+    if raw.get("functions") is not None:
+        return parse_tools(raw["functions"], what="field 'functions'")
+    return default
 
 
 def _ground_truth(raw: dict, from_format: str | None, messages: list[dict]) -> str | None:

@@ -79,7 +79,9 @@ _KNOWN_KEYS = frozenset(("role", "content", "tool_calls", "tool_call_id", "name"
 
 def canonical_message(index: int, role: str, m: dict, content: Any, calls: list[dict] | None,
                       notes: list[str]) -> dict:
-    """The canonical message: role, content and the tool fields the turn has (absent ones left out)."""
+    """The canonical message: role, content and the tool fields the turn has (absent ones left out).
+    `name` is kept on any turn (OpenAI's participant name; a tool result's tool name); a field that
+    cannot be kept is noted."""
     thought = tools.reasoning(index, m) if role == "assistant" else None
     out = message(role, _content_text(index, content, may_be_empty=role in ("system", "tool") or bool(calls or thought)))
     if calls:
@@ -87,14 +89,28 @@ def canonical_message(index: int, role: str, m: dict, content: Any, calls: list[
             raise BadRecord(f"message {index}: a {role} turn cannot have tool_calls")
         out["tool_calls"] = calls
     if role == "tool":
-        for key in ("tool_call_id", "name"):
-            value = tools.optional_str(index, m, key)
-            if value is not None:
-                out[key] = value
+        call_id = tools.tool_call_id(index, m)
+        if call_id is not None:
+            out["tool_call_id"] = call_id
+    name = tools.optional_str(index, m, "name")
+    if name is not None:
+        out["name"] = name
     if thought is not None:
         out["reasoning_content"] = thought
     if len(m) > 2:
-        notes.extend(f"message field {k!r} not kept" for k in m if k not in _KNOWN_KEYS)
+        notes.extend(_dropped(m, role))
+    return out
+
+
+def _dropped(m: dict, role: str) -> list[str]:
+    """Notes for what a message has and the canonical message cannot keep (null fields are absent)."""
+    out = [f"message field {k!r} not kept" for k, v in m.items() if k not in _KNOWN_KEYS and v is not None]
+    if role != "tool" and m.get("tool_call_id") is not None:
+        out.append(f"tool_call_id on a {role} turn not kept")
+    if role != "assistant" and any(m.get(k) is not None for k in tools.REASONING_KEYS):
+        out.append(f"reasoning on a {role} turn not kept")
+    if m.get("tool_calls") and m.get("function_call") is not None:
+        out.append("legacy function_call beside tool_calls not kept")
     return out
 
 
@@ -110,9 +126,9 @@ def role_content_messages(items: list, offset: int = 0, notes: list[str] | None 
                 continue
         m = _message_dict(i, item)
         role = _role(i, m.get("role"), _OPENAI_ROLES, notes)
-        calls = tools.tool_calls(i, m.get("tool_calls"))
+        calls = tools.tool_calls(i, m.get("tool_calls"), notes)
         if calls is None and m.get("function_call") is not None and role == "assistant":
-            calls = tools.sharegpt_calls(i, [m["function_call"]])
+            calls = tools.sharegpt_calls(i, [m["function_call"]], notes)
         out.append(canonical_message(i, role, m, m.get("content"), calls, notes))
     return out
 
@@ -131,16 +147,18 @@ def convert_messages(raw: dict, notes: list[str]) -> Converted:
 
 def convert_sharegpt(raw: dict, notes: list[str]) -> Converted:
     system = raw.get("system")
-    out = [message("system", system)] if isinstance(system, str) and system.strip() else []
+    if system is not None and not isinstance(system, str):
+        raise BadRecord(f"field 'system' must be a string, got {type_name(system)}")
+    out = [message("system", system)] if system and system.strip() else []
     for i, item in enumerate(require_list(raw, first_key(raw, CHAT_LIST_KEYS) or "conversations")):
         m = _message_dict(i, item)
         speaker = m.get("from", m.get("role"))
         role = _role(i, speaker, SHAREGPT_ROLES, notes)
         value = m.get("value", m.get("content"))
         if isinstance(speaker, str) and speaker.lower() == "function_call":
-            out.append(canonical_message(i, role, {}, "", tools.sharegpt_calls(i, value), notes))
+            out.append(canonical_message(i, role, {}, "", tools.sharegpt_calls(i, value, notes), notes))
         else:
-            out.append(canonical_message(i, role, m, value, tools.tool_calls(i, m.get("tool_calls")), notes))
+            out.append(canonical_message(i, role, m, value, tools.tool_calls(i, m.get("tool_calls"), notes), notes))
     return out, None
 
 

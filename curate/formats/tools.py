@@ -20,16 +20,34 @@ ROLE_ALIASES = {"function": "tool", "ipython": "tool"}
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # vLLM/DeepSeek, OpenRouter, gpt-oss
 
 
-def _json_text(what: str, value: Any) -> str:
-    """`arguments` as JSON text: a string is kept as given, an object is written with json.dumps."""
+def _json_text(what: str, value: Any, notes: list[str]) -> str:
+    """`arguments` as JSON text: a string is kept as given (noted when it is not JSON), an object is
+    written with json.dumps (NaN or infinity refused: they are not JSON)."""
     if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            notes.append("tool call arguments that are not valid JSON kept as given")
         return check_unicode(what, value)
     if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False)
+        try:
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            raise BadRecord(f"{what} hold NaN or infinity, which JSON does not allow") from None
+        return check_unicode(what, text)
     raise BadRecord(f"{what} must be a JSON string or an object, got {type_name(value)}")
 
 
-def _call(where: str, j: int, call: Any) -> dict:
+def _id(what: str, value: Any) -> str | None:
+    """A call id or tool_call_id: a string, or an integer written as one."""
+    if value is None or isinstance(value, str):
+        return value if value is None else check_unicode(what, value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise BadRecord(f"{what} must be a string or an integer, got {type_name(value)}")
+
+
+def _call(where: str, j: int, call: Any, notes: list[str]) -> dict:
     what = f"{where}: tool call {j}"
     if not isinstance(call, dict):
         raise BadRecord(f"{what} must be an object, got {type_name(call)}")
@@ -39,24 +57,22 @@ def _call(where: str, j: int, call: Any) -> dict:
     kind = call.get("type") or "function"
     if kind != "function":
         raise BadRecord(f"{what} has type {kind!r}; only function calls are supported")
-    call_id = call.get("id")
-    if call_id is not None and not isinstance(call_id, str):
-        call_id = str(call_id)
     args = fn.get("arguments", fn.get("parameters", {}))
-    return {"id": call_id, "type": "function",
-            "function": {"name": fn["name"], "arguments": _json_text(f"{what} arguments", args)}}
+    return {"id": _id(f"{what} id", call.get("id")), "type": "function",
+            "function": {"name": check_unicode(f"{what} name", fn["name"]),
+                         "arguments": _json_text(f"{what} arguments", args, notes)}}
 
 
-def tool_calls(index: int, value: Any) -> list[dict] | None:
+def tool_calls(index: int, value: Any, notes: list[str]) -> list[dict] | None:
     """A message's `tool_calls` (list of calls); None or [] gives None."""
     if value is None or value == []:
         return None
     if not isinstance(value, list):
         raise BadRecord(f"message {index}: tool_calls must be a list, got {type_name(value)}")
-    return [_call(f"message {index}", j, c) for j, c in enumerate(value)]
+    return [_call(f"message {index}", j, c, notes) for j, c in enumerate(value)]
 
 
-def sharegpt_calls(index: int, value: Any) -> list[dict]:
+def sharegpt_calls(index: int, value: Any, notes: list[str]) -> list[dict]:
     """A ShareGPT `function_call` turn's value: JSON text of {"name", "arguments"} or a list of them."""
     try:
         parsed = json.loads(value) if isinstance(value, str) else value
@@ -65,7 +81,7 @@ def sharegpt_calls(index: int, value: Any) -> list[dict]:
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not calls:
         raise BadRecord(f"message {index}: function_call value is an empty list")
-    return [_call(f"message {index}", j, c) for j, c in enumerate(calls)]
+    return [_call(f"message {index}", j, c, notes) for j, c in enumerate(calls)]
 
 
 def optional_str(index: int, message: dict, key: str) -> str | None:
@@ -77,12 +93,16 @@ def optional_str(index: int, message: dict, key: str) -> str | None:
     return check_unicode(f"message {index}: {key}", value)
 
 
+def tool_call_id(index: int, message: dict) -> str | None:
+    return _id(f"message {index}: tool_call_id", message.get("tool_call_id"))
+
+
 def reasoning(index: int, message: dict) -> str | None:
-    """The turn's separate reasoning, from the first present of REASONING_KEYS; blank gives None."""
+    """The turn's separate reasoning: the first non-blank of REASONING_KEYS, else None."""
     for key in REASONING_KEYS:
         text = optional_str(index, message, key)
-        if text is not None:
-            return text if text.strip() else None
+        if text is not None and text.strip():
+            return text
     return None
 
 
@@ -92,7 +112,9 @@ def _schema(i: int, item: Any) -> dict:
     if item.get("type") == "function" and isinstance(item.get("function"), dict):
         fn = item["function"]
     elif "function" not in item and isinstance(item.get("name"), str):
-        fn, item = item, {"type": "function", "function": item}  # LLaMA-Factory / glaive: a bare schema
+        # LLaMA-Factory / glaive: a bare schema; OpenAI's Responses API: the same with "type": "function"
+        fn = {k: v for k, v in item.items() if not (k == "type" and v == "function")}
+        item = {"type": "function", "function": fn}
     else:
         raise BadRecord(f"tools item {i} is neither {{'type': 'function', 'function': {{...}}}} nor "
                         f"{{'name': ..., 'parameters': ...}}")
@@ -115,7 +137,11 @@ def parse_tools(value: Any, what: str = "field 'tools'") -> str | None:
         value = [value]
     if not isinstance(value, list):
         raise BadRecord(f"{what} must be a list of function schemas, got {type_name(value)}")
-    text = dump_tools([_schema(i, t) for i, t in enumerate(value)]) if value else None
+    schemas = [_schema(i, t) for i, t in enumerate(value)]
+    try:
+        text = dump_tools(schemas) if schemas else None
+    except ValueError:  # json.dumps(allow_nan=False)
+        raise BadRecord(f"{what} hold NaN or infinity, which JSON does not allow") from None
     return text if text is None else check_unicode(what, text)
 
 
@@ -125,12 +151,13 @@ def load_tools_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--tools {path}: cannot read a JSON list of function schemas ({e})") from None
+    except (OSError, ValueError) as e:  # missing, a folder, unreadable, not JSON
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"--tools {path}: cannot read a JSON list of function schemas ({why})") from None
     try:
         text = parse_tools(value, what=f"--tools {path}")
     except BadRecord as e:
-        raise ValueError(str(e)) from None
+        raise ValueError(str(e) if str(e).startswith("--tools") else f"--tools {path}: {e}") from None
     if text is None:
         raise ValueError(f"--tools {path}: the list of function schemas is empty")
     return text

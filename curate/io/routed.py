@@ -181,6 +181,7 @@ def read_jsonl(path: str) -> list[dict]:
 def provenance(cfg, ingest: dict, cache: dict, timings: dict) -> dict:
     """The manifest fields every job shares: what ran, on what, from cache or not, how long, with what."""
     return {"config": asdict(cfg), "inputs": ingest["files"], "skipped_files": ingest.get("skipped", []),
+            "ingest_notes": ingest.get("notes", {}),
             "cache": cache, "timings_s": {k: round(v, 3) for k, v in timings.items()}, "versions": versions()}
 
 

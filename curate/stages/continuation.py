@@ -71,7 +71,12 @@ class Continuation(Stage):
             if demo is None:
                 rows["pair_error"][i] = "no assistant turn after a prompt"
             elif rows["stage"][i] == c.stage:
-                rows["prompt"][i], turn = demo
+                prompt, turn = demo
+                refused = generation.template_problem(c.generation, prompt, parse_tools(tools[i]), turn)
+                if refused:
+                    rows["pair_error"][i] = refused
+                    continue
+                rows["prompt"][i] = prompt
                 rows["chosen"][i], rows["chosen_text"][i], rows["tools"][i] = [turn], chat.turn_text(turn), tools[i]
                 todo.append(i)
         seeds = [generation.row_seed(c.generation.seed, ids[i]) for i in todo]

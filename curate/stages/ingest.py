@@ -46,6 +46,7 @@ class IngestConfig:
         """What the shards depend on: not how many processes made them; the tools file by content."""
         out = {k: v for k, v in vars(self).items() if k != "parse_procs"}
         if self.tools is not None:
+            self.default_tools()  # a missing or bad file is named before it is hashed
             out["tools"] = {"path": self.tools, "sha256": file_sha256(Path(self.tools))}
         return out
 
@@ -79,6 +80,9 @@ def input_fingerprint(config: IngestConfig) -> list[dict]:
                 raise readers.UnreadableFile(path, f"cannot read ({e.strerror or e})") from e
             digest = None
         out.append({"path": str(path), "sha256": digest})
+    if not out and tools is not None:
+        raise ValueError(f"--input {' '.join(map(str, config.inputs))}: no input file besides the --tools file "
+                         f"{config.tools}, which is read as tools, not as records")
     return out
 
 

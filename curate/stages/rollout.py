@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from curate import chat, generation, schema, verifiers
+from curate.messages import parse_tools
 from curate.stages.base import Stage
 
 DEFAULT_FEEDBACK = "Incorrect. Please think again."
@@ -75,6 +76,9 @@ class Rollout(Stage):
             return f"verifier {self.config.verifier} needs {need}, and the record has none"
         if not self.config.recorded and not chat.prompt_messages(record["messages"]):
             return "no prompt: the conversation starts with an assistant turn"
+        if not self.config.recorded:
+            return generation.template_problem(self.config.generation, self._prompt(record["messages"]),
+                                               parse_tools(record.get("tools")))
         return None
 
     def _recorded(self, records: list[dict]) -> list[dict]:
@@ -98,6 +102,7 @@ class Rollout(Stage):
         # one conversation per (valid record, sample); `owner` maps it back
         owner = [(r, k) for r, row in enumerate(rows) if row["rollout_error"] is None for k in range(c.samples)]
         convs = [self._prompt(records[r]["messages"]) for r, _ in owner]
+        tools = [parse_tools(rec.get("tools")) for rec in records]
         verdicts: list[list[verifiers.Verdict]] = [[] for _ in owner]
         active = list(range(len(owner)))
         for turn in range(1, c.turns + 1):
@@ -105,7 +110,8 @@ class Rollout(Stage):
                 break
             seeds = [generation.row_seed(c.generation.seed, records[owner[i][0]]["id"], owner[i][1], turn)
                      for i in active]
-            replies = generation.generate([convs[i] for i in active], c.generation, seeds=seeds)
+            replies = generation.generate([convs[i] for i in active], c.generation, seeds=seeds,
+                                          tools=[tools[owner[i][0]] for i in active])
             still = []
             for i, (reply,) in zip(active, replies):
                 convs[i].append({"role": "assistant", "content": reply})

@@ -178,3 +178,59 @@ def test_tools_file_errors_name_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match=f"--tools {bad}"):
         load_tools_file(str(bad))
+
+
+def chat_with(assistant: dict, **record) -> dict:
+    return {"messages": [{"role": "user", "content": "q"}, assistant], **record}
+
+
+@pytest.mark.parametrize("call, reason", [
+    ({"id": "c", "function": {"name": "f\ud800", "arguments": "{}"}}, "name has an unpaired surrogate"),
+    ({"id": "c\udc00", "function": {"name": "f", "arguments": "{}"}}, "id has an unpaired surrogate"),
+    ({"id": "c", "function": {"name": "f", "arguments": {"a": "\ud800"}}}, "arguments has an unpaired surrogate"),
+    ({"id": True, "function": {"name": "f", "arguments": "{}"}}, "id must be a string or an integer, got bool"),
+    ({"id": "c", "function": {"name": "f", "arguments": {"x": float("nan")}}}, "NaN or infinity"),
+])
+def test_bad_calls_are_refused_not_crashing(call, reason):
+    """A call the canonical record cannot hold is a bad record (quarantined), never an error of the run."""
+    with pytest.raises(BadRecord, match=reason):
+        normalize(chat_with({"role": "assistant", "content": None, "tool_calls": [call]}))
+
+
+def test_integer_ids_become_strings_and_names_are_kept_on_any_turn():
+    raw = {"messages": [{"role": "user", "content": "q", "name": "alice"},
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            {"id": 7, "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                        {"role": "tool", "tool_call_id": 7, "content": "1"},
+                        {"role": "assistant", "content": "one", "name": "bot"}]}
+    m = normalize(raw).messages
+    assert m[0]["name"] == "alice" and m[3]["name"] == "bot"
+    assert m[1]["tool_calls"][0]["id"] == "7" and m[2]["tool_call_id"] == "7"
+
+
+def test_what_cannot_be_kept_is_noted_and_null_fields_are_not():
+    n = normalize(chat_with({"role": "assistant", "content": "a", "tool_call_id": "x", "refusal": None,
+                             "weight": 1, "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}],
+                             "function_call": {"name": "g", "arguments": "{}"}}))
+    assert sorted(n.notes) == ["legacy function_call beside tool_calls not kept",
+                               "message field 'weight' not kept", "tool call arguments that are not valid JSON kept as given",
+                               "tool_call_id on a assistant turn not kept"]
+    assert n.messages[1]["tool_calls"][0]["function"]["arguments"] == "{bad"
+
+
+def test_first_non_blank_reasoning_wins():
+    n = normalize(chat_with({"role": "assistant", "content": "a", "reasoning_content": "", "reasoning": "real"}))
+    assert n.messages[1]["reasoning_content"] == "real"
+
+
+def test_legacy_functions_and_responses_api_schemas_are_tools():
+    flat = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    wrapped = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    msgs = chat_with({"role": "assistant", "content": "a"})
+    assert json.loads(normalize({**msgs, "tools": [flat]}).tools) == wrapped
+    assert json.loads(normalize({**msgs, "functions": [{"name": "f", "parameters": {"type": "object"}}]}).tools) == wrapped
+
+
+def test_sharegpt_system_must_be_text():
+    with pytest.raises(BadRecord, match="field 'system' must be a string, got list"):
+        normalize({"system": ["s"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
