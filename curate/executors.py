@@ -30,14 +30,13 @@ class DaskExecutor:
             self.client, self.cluster = Client(scheduler), None
         else:
             # dask gives single-threaded workers OMP/MKL/OpenBLAS_NUM_THREADS=1; a float32 matmul sums in
-            # another order with another thread count (1 ulp apart), so workers get this process's count:
-            # the same bytes as a local run
-            threads = str(_torch_threads())
-            env = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+            # another order with another thread count (1 ulp apart), so workers get this process's count
+            env = {k: str(_torch_threads()) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                         dashboard_address=None, env=env)
             self.client = Client(self.cluster)
         self.remote = scheduler is not None
+
 
     def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False) -> list:
         resources = {"GPU": 1} if gpu and self.remote else None

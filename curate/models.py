@@ -118,8 +118,9 @@ def read_chat_template(path: str | None) -> str | None:
         return None
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"--chat-template {path}: cannot read it ({e.strerror or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"--chat-template {path}: cannot read it ({why})") from None
     if path.endswith(".json"):
         try:
             text = json.loads(text).get("chat_template")
@@ -129,6 +130,9 @@ def read_chat_template(path: str | None) -> str | None:
             raise ValueError(f"--chat-template {path}: a JSON file must hold a `chat_template` string")
     if not text.strip():
         raise ValueError(f"--chat-template {path}: the file is empty")
+    from curate.chat import check_template
+
+    check_template(text, path)  # a syntax error is a usage error, not every record quarantined
     return text
 
 

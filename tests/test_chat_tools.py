@@ -114,13 +114,24 @@ def qwen3_with_markers() -> str:
 
 # --------------------------------------------------------------------------------------- tool support
 
+def support(calls, tools, tool_role, system_role=True, reasoning=False, string_arguments=False):
+    return {"tool_calls": calls, "tools": tools, "tool_role": tool_role, "system_role": system_role,
+            "reasoning": reasoning, "string_arguments": string_arguments}
+
+
 @pytest.mark.parametrize("name, expected", [
-    ("qwen3.jinja", {"tool_calls": True, "tools": True, "tool_role": True}),
-    ("llama3_1.jinja", {"tool_calls": True, "tools": True, "tool_role": True}),
+    # writes a string `arguments` as it is; renders the last turn's reasoning
+    ("qwen3.jinja", support(True, True, True, reasoning=True, string_arguments=True)),
+    ("qwen3_instruct_2507.jinja", support(True, True, True, string_arguments=True)),
+    ("llama3_1.jinja", support(True, True, True)),  # `arguments | tojson`: a string would be quoted
+    # concatenates `arguments` as a string (a dict raises): the call renders with the input's text
+    ("deepseekv3.jinja", support(True, False, True, string_arguments=True)),
     # R1 drops calls whenever content is set (ours is "" for a call-only turn)
-    ("deepseek_r1_distill.jinja", {"tool_calls": False, "tools": False, "tool_role": True}),
-    ("gemma.jinja", {"tool_calls": False, "tools": False, "tool_role": False}),  # refuses a tool turn
-    ("phi3.jinja", {"tool_calls": False, "tools": False, "tool_role": False}),   # ignores it
+    ("deepseek_r1_distill.jinja", support(False, False, True)),
+    ("gemma.jinja", support(False, False, False, system_role=False)),  # refuses a tool turn, a system turn
+    ("phi3.jinja", support(False, False, False)),   # ignores it
+    ("qwen2_5.jinja", support(True, True, True)),
+    ("gptoss.jinja", support(True, True, True, reasoning=True)),
 ])
 def test_tool_support_per_template(smol_tokenizer, name, expected):
     assert tool_support(smol_tokenizer, template(name)) == expected
@@ -128,7 +139,7 @@ def test_tool_support_per_template(smol_tokenizer, name, expected):
 
 def test_tool_support_of_smollm2_chatml(smol_tokenizer):
     # ChatML writes any role, so tool results show; calls and schemas are ignored
-    assert tool_support(smol_tokenizer) == {"tool_calls": False, "tools": False, "tool_role": True}
+    assert tool_support(smol_tokenizer) == support(False, False, True)
 
 
 # ---------------------------------------------------------------------- Qwen3: history rewritten
@@ -197,22 +208,49 @@ def test_deepseek_r1_masks_answers_without_the_reasoning_it_drops(smol_tokenizer
 
 def test_deepseek_r1_tool_calls_written_as_text(smol_tokenizer):
     text = template("deepseek_r1_distill.jinja")
-    assert encode(smol_tokenizer, AGENT[1:5], tools=TOOLS, chat_template=text).tool_rendering == "text"
-    assert spans_text(smol_tokenizer, AGENT[1:5], tools=TOOLS, chat_template=text) == [
+    messages = [m if m["role"] != "assistant" else {k: v for k, v in m.items() if k != "reasoning_content"}
+                for m in AGENT[1:5]]
+    assert encode(smol_tokenizer, messages, tools=TOOLS, chat_template=text).tool_rendering == "text"
+    assert spans_text(smol_tokenizer, messages, tools=TOOLS, chat_template=text) == [
         f"{chat.tool_call_text(AGENT[2]['tool_calls'][0])}<｜end▁of▁sentence｜>",
         "It is 18C and sunny.<｜end▁of▁sentence｜>"]  # after tool output R1 writes no header
 
 
+def test_deepseek_r1_reasoning_written_as_text_is_dropped_where_r1_drops_it(smol_tokenizer):
+    # R1 does not read reasoning_content: it goes into the content as a <think> block, which R1 itself
+    # cuts off (it keeps what follows </think>) except after tool output
+    assert spans_text(smol_tokenizer, AGENT[1:5], tools=TOOLS, chat_template=template("deepseek_r1_distill.jinja")) == [
+        f"\n\n{chat.tool_call_text(AGENT[2]['tool_calls'][0])}<｜end▁of▁sentence｜>",
+        "<think>\nThe tool said 18C.\n</think>\n\nIt is 18C and sunny.<｜end▁of▁sentence｜>"]
+
+
 # ----------------------------------------------------------------------------------------------- Llama 3.1
 
+def without_reasoning(messages):
+    return [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+
+
 def test_llama31_mask_is_the_call_json_and_eot(smol_tokenizer):
-    text = template("llama3_1.jinja")
-    assert encode(smol_tokenizer, AGENT[1:], tools=TOOLS, chat_template=text).tool_rendering == "template"
-    assert spans_text(smol_tokenizer, AGENT[1:], tools=TOOLS, chat_template=text) == [
+    text, messages = template("llama3_1.jinja"), without_reasoning(AGENT[1:])
+    assert encode(smol_tokenizer, messages, tools=TOOLS, chat_template=text).tool_rendering == "template"
+    assert spans_text(smol_tokenizer, messages, tools=TOOLS, chat_template=text) == [
         '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
         "It is 18C and sunny.<|eot_id|>",
         '{"name": "get_weather", "parameters": {"city": "Rome"}}<|eot_id|>',
         "25C in Rome.<|eot_id|>",
+    ]
+
+
+def test_llama31_reasoning_is_written_as_text(smol_tokenizer):
+    # Llama 3.1 ignores reasoning_content: it goes into the content (a call turn's content, and so its
+    # reasoning, Llama does not write)
+    text = template("llama3_1.jinja")
+    assert encode(smol_tokenizer, AGENT[1:], tools=TOOLS, chat_template=text).tool_rendering == "text"
+    assert spans_text(smol_tokenizer, AGENT[1:], tools=TOOLS, chat_template=text) == [
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
+        "<think>\nThe tool said 18C.\n</think>\n\nIt is 18C and sunny.<|eot_id|>",
+        '{"name": "get_weather", "parameters": {"city": "Rome"}}<|eot_id|>',
+        "<think>\nRome is 25C.\n</think>\n\n25C in Rome.<|eot_id|>",
     ]
 
 
@@ -233,8 +271,10 @@ def test_smollm2_chatml_gets_calls_and_schemas_as_text(smol_tokenizer):
     runs = masked_runs(tok, enc)
     paris, rome = (chat.tool_call_text(AGENT[i]["tool_calls"][0]) for i in (2, 6))
     assert paris == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    assert runs == [f"{paris}<|im_end|>", "It is 18C and sunny.<|im_end|>", f"Checking.\n{rome}<|im_end|>",
-                    "25C in Rome.<|im_end|>"]
+    # ChatML ignores reasoning_content too: each turn's reasoning is a <think> block before its content
+    assert runs == [f"<think>\nI should call the tool.\n</think>\n\n{paris}<|im_end|>",
+                    "<think>\nThe tool said 18C.\n</think>\n\nIt is 18C and sunny.<|im_end|>",
+                    f"Checking.\n{rome}<|im_end|>", "<think>\nRome is 25C.\n</think>\n\n25C in Rome.<|im_end|>"]
     text = tok.decode(enc.input_ids)
     system = f"Be brief.\n\n{chat.TOOLS_HEADER}\n<tools>\n{json.dumps(TOOLS[0])}\n</tools>"
     assert f"<|im_start|>system\n{system}<|im_end|>" in text
@@ -268,11 +308,15 @@ def test_no_tools_means_no_tool_rendering(smol_tokenizer):
 
 
 def test_a_turn_that_renders_nothing_of_its_own_is_refused(smol_tokenizer):
-    # SmolLM2's template has no place for reasoning: this turn would be an empty reply
+    # Qwen3 drops the reasoning of turns before the last user query: this turn is an empty reply there
     messages = [AGENT[1], {"role": "assistant", "content": "", "reasoning_content": "thinking only"},
                 {"role": "user", "content": "Well?"}, {"role": "assistant", "content": "Sunny."}]
     with pytest.raises(TemplateError, match=r"^chat template: assistant turn 1 renders no tokens$"):
-        encode(smol_tokenizer, messages)
+        encode(smol_tokenizer, messages, chat_template=template("qwen3.jinja"))
+    # SmolLM2's template has no place for reasoning: it is written as text, so the turn is not empty
+    enc = encode(smol_tokenizer, messages)
+    assert masked_runs(smol_tokenizer, enc) == ["<think>\nthinking only\n</think>\n\n<|im_end|>", "Sunny.<|im_end|>"]
+    assert enc.tool_rendering == "text"
 
 
 # ----------------------------------------------------------------------------------- refusals, others
@@ -336,11 +380,221 @@ def test_spans_agree_with_generation_markers(smol_tokenizer, name):
             assert a <= s and (s == a or prompt.find(rendered[a:s], a) >= 0), (rendered[a:s], rendered[s:e])
 
 
-def test_turn_text_is_the_content_then_the_calls(smol_tokenizer):
+def test_turn_text_is_the_reasoning_then_the_content_then_the_calls(smol_tokenizer):
     paris = chat.tool_call_text(AGENT[2]["tool_calls"][0])
-    assert chat.turn_text(AGENT[2]) == paris
+    assert chat.turn_text(AGENT[2]) == f"<think>\nI should call the tool.\n</think>\n\n{paris}"
+    assert chat.turn_text(without_reasoning(AGENT)[2]) == paris
     assert chat.turn_text(AGENT[6]) == f"Checking.\n{chat.tool_call_text(AGENT[6]['tool_calls'][0])}"
-    assert chat.turn_text(arrow_row(AGENT)[4]) == "It is 18C and sunny."
+    assert chat.turn_text(arrow_row(AGENT)[4]) == "<think>\nThe tool said 18C.\n</think>\n\nIt is 18C and sunny."
+    assert chat.turn_text({**arrow_row(AGENT)[4], "reasoning_content": None}) == "It is 18C and sunny."
+    assert chat.turn_text({**AGENT[4], "reasoning_content": "\nkept inside\n\n"}) == (
+        "<think>\nkept inside\n</think>\n\nIt is 18C and sunny.")  # the reasoning's outer newlines go
     weird = call("c9", "f")
     weird["function"]["arguments"] = "not json"
     assert chat.tool_call_text(weird) == '<tool_call>\n{"name": "f", "arguments": not json}\n</tool_call>'
+
+
+# ------------------------------------------------------------------- Mistral: 9-character call ids
+
+# A Mistral-v0.3-like template: the system text in the first user turn (any other system turn refused),
+# the schemas before the last user turn, calls as `[TOOL_CALLS] [JSON]` and results as `[TOOL_RESULTS]`,
+# both refused unless the call id has 9 characters.
+MISTRAL = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr('role', 'equalto', 'user') | list %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {%- if tools and message == user_messages[-1] %}
+            {{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}
+        {%- endif %}
+        {%- if message == user_messages[0] and system_message is defined %}
+            {{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}
+        {%- else %}
+            {{- '[INST] ' + message['content'] + '[/INST]' }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined %}
+        {{- '[TOOL_CALLS] [' }}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.id is not defined or tool_call.id | length != 9 %}
+                {{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}
+            {%- endif %}
+            {{- (tool_call.function | tojson)[:-1] + ', "id": "' + tool_call.id + '"}' }}
+            {{- ', ' if not loop.last else ']' + eos_token }}
+        {%- endfor %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] | trim + eos_token }}
+    {%- elif message['role'] == 'tool' %}
+        {%- if message.tool_call_id is not defined or message.tool_call_id | length != 9 %}
+            {{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}
+        {%- endif %}
+        {{- '[TOOL_RESULTS] {"content": ' + message['content'] | tojson + ', "call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}"""
+
+
+def mistral_ids(messages):
+    """AGENT with 9-character call ids, as Mistral's templates want them."""
+    ids = {"c1": "abcDEF123", "c2": "xyz789QWE"}
+    out = []
+    for m in without_reasoning(messages):
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": ids[c["id"]]} for c in m["tool_calls"]]}
+        if m.get("tool_call_id"):
+            m = {**m, "tool_call_id": ids[m["tool_call_id"]]}
+        out.append(m)
+    return out
+
+
+def test_mistral_like_template_renders_calls_natively(smol_tokenizer):
+    tok = smol_tokenizer
+    # what the old probe id would have met: the template refuses it
+    with pytest.raises(TemplateError, match="length 9"):
+        chat.render(tok, [AGENT[1], {**AGENT[6], "tool_calls": [call("call_0", "get_weather", city="Rome")]}],
+                    chat_template=MISTRAL)
+    assert tool_support(tok, MISTRAL) == support(True, True, True)
+    messages = mistral_ids(AGENT)
+    enc = encode(tok, messages, tools=TOOLS, chat_template=MISTRAL)
+    assert enc.tool_rendering == "template"
+    text = tok.decode(enc.input_ids)
+    assert "<tool_call>" not in text and "[AVAILABLE_TOOLS] [" in text and "Be brief.\n\nWeather in Paris?" in text
+    # the schemas stand before the last user turn: turns before it are found in the full text itself
+    assert spans_text(tok, messages, tools=TOOLS, chat_template=MISTRAL) == [
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcDEF123"}]<|im_end|>',
+        " It is 18C and sunny.<|im_end|>",
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Rome"}, "id": "xyz789QWE"}]<|im_end|>',
+        " 25C in Rome.<|im_end|>"]
+    masked = "".join(masked_runs(tok, enc))
+    assert not any(o in masked for o in OBSERVATIONS) and "AVAILABLE_TOOLS" not in masked and "Paris?" not in masked
+
+
+def test_mistral_like_template_refuses_a_later_system_turn(smol_tokenizer):
+    messages = [AGENT[1], {"role": "system", "content": "Late."}, {"role": "assistant", "content": "Hi."}]
+    with pytest.raises(TemplateError, match="^chat template: Only user and assistant roles"):
+        encode(smol_tokenizer, messages, chat_template=MISTRAL)
+
+
+# ------------------------------------------------------------- Gemma: schemas without a system role
+
+def test_gemma_gets_the_schemas_in_the_first_user_turn(smol_tokenizer):
+    tok, text = smol_tokenizer, template("gemma.jinja")
+    assert tool_support(tok, text)["system_role"] is False
+    messages = without_reasoning(AGENT[1:5])  # no system turn
+    enc = encode(tok, messages, tools=TOOLS, chat_template=text)  # not refused
+    assert enc.tool_rendering == "text"
+    rendered = tok.decode(enc.input_ids)
+    assert f"<start_of_turn>user\n{chat.tools_text(TOOLS)}\n\nWeather in Paris?<end_of_turn>" in rendered
+    assert rendered.count(chat.TOOLS_HEADER) == 1
+    assert masked_runs(tok, enc) == [f"{chat.tool_call_text(AGENT[2]['tool_calls'][0])}<end_of_turn>",
+                                     "It is 18C and sunny.<end_of_turn>"]
+    # a record with its own system turn is still refused with Gemma's words
+    with pytest.raises(TemplateError, match="^chat template: System role not supported$"):
+        encode(tok, without_reasoning(AGENT[:5]), tools=TOOLS, chat_template=text)
+
+
+def test_schemas_stay_in_the_system_turn_where_there_is_one(smol_tokenizer):
+    # Gemma 3 merges a system turn into the first user turn itself: it has a system role
+    tok, text = smol_tokenizer, template("gemma3.jinja")
+    assert tool_support(tok, text)["system_role"] is True
+    rendered = chat.render(tok, without_reasoning(AGENT[:5]), tools=TOOLS, chat_template=text)
+    assert f"Be brief.\n\n{chat.tools_text(TOOLS)}" in rendered
+
+
+# ----------------------------------------------------------------- reasoning the template ignores
+
+REASONED = [{"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "Answer.", "reasoning_content": "LONG THOUGHT"}]
+
+
+@pytest.mark.parametrize("name", [None, "qwen2_5.jinja", "llama3_1.jinja", "gemma3.jinja", "deepseekv3.jinja",
+                                  "phi3.jinja"])
+def test_reasoning_a_template_ignores_is_written_as_text(smol_tokenizer, name):
+    tok = smol_tokenizer
+    text = template(name) if name else None
+    assert tool_support(tok, text)["reasoning"] is False
+    plain = encode(tok, [REASONED[0], {"role": "assistant", "content": "Answer."}], chat_template=text)
+    enc = encode(tok, REASONED, chat_template=text)
+    assert enc.input_ids != plain.input_ids and enc.tool_rendering == "text" and plain.tool_rendering is None
+    rendered, spans = chat.assistant_spans(tok, REASONED, chat_template=text)
+    (s, e), = spans
+    if name == "deepseekv3.jinja":
+        # the text form reaches DeepSeek-V3, which keeps only what follows `</think>` of a reply's
+        # content (not after tool output: see the next test)
+        assert rendered[s:e] == "\n\nAnswer.<｜end▁of▁sentence｜>"
+    else:
+        assert "<think>\nLONG THOUGHT\n</think>\n\nAnswer." in rendered[s:e]
+        assert "LONG THOUGHT" in "".join(masked_runs(tok, enc))
+    assert chat.turn_text(REASONED[1]) == "<think>\nLONG THOUGHT\n</think>\n\nAnswer."
+
+
+def test_deepseek_v3_keeps_reasoning_written_as_text_after_tool_output(smol_tokenizer):
+    text = template("deepseekv3.jinja")
+    messages = [*COMPACT[:3], {**COMPACT[3], "reasoning_content": "LONG THOUGHT"}]
+    assert spans_text(smol_tokenizer, messages, chat_template=text)[-1] == (
+        "<think>\nLONG THOUGHT\n</think>\n\n18C.<｜end▁of▁sentence｜>")
+
+
+def test_reasoning_a_template_renders_stays_native(smol_tokenizer):
+    tok, text = smol_tokenizer, template("qwen3.jinja")
+    enc = encode(tok, REASONED, chat_template=text)
+    assert enc.tool_rendering == "template"
+    assert masked_runs(tok, enc) == ["<think>\nLONG THOUGHT\n</think>\n\nAnswer.<|im_end|>"]
+    assert enc.input_ids == tok.apply_chat_template(REASONED, chat_template=text, tokenize=True, return_dict=True)[
+        "input_ids"]
+
+
+# ------------------------------------------------------------------------ call arguments as given
+
+COMPACT = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": "", "tool_calls": [
+               {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+           {"role": "tool", "content": "18C", "tool_call_id": "c1", "name": "get_weather"},
+           {"role": "assistant", "content": "18C."}]
+
+
+@pytest.mark.parametrize("name", ["qwen3.jinja", "qwen3_instruct_2507.jinja", "deepseekv3.jinja"])
+def test_templates_that_write_argument_text_get_it_as_given(smol_tokenizer, name):
+    tok, text = smol_tokenizer, template(name)
+    assert tool_support(tok, text)["string_arguments"] is True
+    enc = encode(tok, COMPACT, tools=TOOLS, chat_template=text)
+    call_span = spans_text(tok, COMPACT, tools=TOOLS, chat_template=text)[0]
+    assert '{"city":"Paris"}' in call_span and '{"city": "Paris"}' not in call_span
+    if name == "deepseekv3.jinja":  # it raised on a dict (str + dict): the call was text form before
+        assert "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather" in call_span
+    # the tokens a trainer gets when it renders the messages with arguments as strings (TRL, OpenRLHF)
+    msgs, tools, rendering, _ = chat.prepare(tok, COMPACT, TOOLS, text)
+    assert rendering == enc.tool_rendering == ("text" if name == "deepseekv3.jinja" else "template")  # V3: no `tools`
+    assert enc.input_ids == tok.apply_chat_template(msgs, tools=tools, chat_template=text, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+    calls = [m for m in msgs if m.get("tool_calls")]
+    assert calls[0]["tool_calls"][0]["function"]["arguments"] == '{"city":"Paris"}'
+    assert calls[0] == COMPACT[1]
+
+
+def test_llama31_gets_arguments_as_an_object(smol_tokenizer):
+    tok, text = smol_tokenizer, template("llama3_1.jinja")
+    assert tool_support(tok, text)["string_arguments"] is False
+    spans = spans_text(tok, COMPACT, tools=TOOLS, chat_template=text)
+    assert spans[0] == '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'  # not a quoted string
+
+
+# ------------------------------------------------------------------------------- check_template
+
+def test_check_template_accepts_every_shipped_template_and_refuses_broken_ones():
+    for name in sorted(os.listdir(TEMPLATES)):
+        if name.endswith(".jinja"):
+            chat.check_template(template(name), name)  # {% generation %} markers included
+    with pytest.raises(ValueError) as e:
+        chat.check_template("{{ bos_token }}\n{% for m in messages %}\n{{ m.content }}\n{% endif %}", "t.jinja")
+    assert str(e.value).startswith("--chat-template t.jinja: not a valid Jinja template (line 4: Encountered unknown tag")
+    assert isinstance(e.value, ValueError) and not isinstance(e.value, TemplateError)
+    with pytest.raises(ValueError, match=r"^--chat-template t\.jinja: not a valid Jinja template \(line 2: .*'endfor'"):
+        chat.check_template("{% if x %}\n{% endfor %}", "t.jinja")
+    with pytest.raises(ValueError, match=r"\(line 1: No filter named 'nosuch'"):
+        chat.check_template("{{ x | nosuch }}", "t.jinja")

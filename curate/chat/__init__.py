@@ -36,15 +36,20 @@ Templates rarely mark where assistant text starts and ends, so we find it by ren
   A turn that cannot be found this way raises TemplateError naming it: we never guess.
 
 Templates that know nothing of tool calls (SmolLM2's ChatML, most base-model templates) would render a
-turn that only calls tools as an empty turn. `tool_support` (chat/tool_text.py) detects, per template,
-what it renders; what it ignores is written as text (the Hermes/Qwen convention) by `prepare`:
+turn that only calls tools as an empty turn, and most templates drop `reasoning_content`.
+`tool_support` (chat/tool_text.py) detects, per template, what it renders; what it ignores is written
+as text (the Hermes/Qwen convention) by `prepare`:
 
+* reasoning goes into its turn's content as `<think>\n{reasoning}\n</think>\n\n{content}`;
 * each call is appended to its turn's content as `<tool_call>\n{"name": NAME, "arguments": ARGS}\n</tool_call>`
   (one block per call, blocks separated by a newline, ARGS the arguments' JSON object);
 * tool schemas go into the system turn (one is prepended when there is none): TOOLS_HEADER, then
-  `<tools>`, one JSON schema per line, `</tools>`;
+  `<tools>`, one JSON schema per line, `</tools>`; for a template without a system role (Gemma), at
+  the top of the first user turn, a blank line before the user's text;
 * tool results, when the template ignores the `tool` role, become one user turn per run of results,
   each result as `<tool_response>\n...\n</tool_response>`.
+Call arguments go to the template as the input's JSON text when it writes such text as it is (Qwen3,
+DeepSeek-V3: what trainers rendering exported messages give it), else parsed into a dict.
 An assistant turn that still renders nothing of its own (only template text) raises TemplateError.
 
 Every exception the template raises becomes TemplateError (a ValueError) whose message starts with
@@ -60,12 +65,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.chat.spans import Layout
-from curate.chat.templates import TemplateError, render_template, template_sha256, template_text
+from curate.chat.templates import (TemplateError, check_template, render_template, template_sha256,
+                                   template_text)
 from curate.chat.tool_text import TOOLS_HEADER, prepare_for, prepare, tool_call_text, tool_support, tools_text, turn_text
 
-__all__ = ["TOOLS_HEADER", "Encoded", "TemplateError", "assistant_spans", "encode", "prepare", "prompt_column",
-           "prompt_messages", "render", "template_sha256", "template_text", "tool_call_text", "tool_support",
-           "tools_text", "turn_text"]
+__all__ = ["ENCODING_VERSION", "TOOLS_HEADER", "Encoded", "TemplateError", "assistant_spans", "check_template", "encode", "prepare",
+           "prompt_column", "prompt_messages", "render", "template_sha256", "template_text", "tool_call_text",
+           "tool_support", "tools_text", "turn_text"]
+
+# Changes whenever `encode` gives other ids or masks for some record (a cache key can include it):
+# 2 = reasoning a template ignores written as text, schemas in the first user turn without a system
+# role, arguments as given to templates that write them as text, 9-character probe call ids.
+ENCODING_VERSION = 2
 
 
 @dataclass
@@ -73,8 +84,8 @@ class Encoded:
     input_ids: list[int]
     loss_mask: list[int]   # 1 where the token is an assistant token (a training target)
     truncated: bool
-    # how tool calls, schemas and results reached the template: "template" (all through its own
-    # rendering), "text" (some written as text by `prepare`), None (the record has none)
+    # how tool calls, schemas, results and reasoning reached the template: "template" (all through its
+    # own rendering), "text" (some written as text by `prepare`), None (the record has none of them)
     tool_rendering: str | None = None
 
     @property

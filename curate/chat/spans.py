@@ -172,8 +172,8 @@ class Layout:
         """Where turn i's span starts: right after the last occurrence of the reply header (`_header`)
         in text[cursor:u], its longest clean form first. Without a header, or when only the generation
         prompt could stand for it and it is not there: where the text of messages[:i] stops matching
-        the full text, when that is between the turn before and u; else at u, where the turn's own
-        text begins."""
+        the full text (or, when that is earlier, where its end is found: `_prefix_end`), when that is
+        between the turn before and u; else at u, where the turn's own text begins."""
         header, sure = self._header(i)
         for form in self._cut_forms(header, strip=False) if header else []:
             at = self.text.rfind(form, cursor, u)
@@ -184,11 +184,28 @@ class Layout:
                                 f"(its header {header!r} is missing)")
         if i:  # where the text of messages[:i] stops matching (DeepSeek-V3 writes a call after tool output bare)
             at = _common_prefix(self.text, self.prefix(i))
+            if at < len(self.prefix(i)):  # or it rendered differently before (Mistral: schemas at the last query)
+                at = max((a for a in (at, self._prefix_end(i, cursor, u)) if a is not None and cursor <= a <= u),
+                         default=-1)
             if cursor <= at <= u:
                 return at
         if u < cursor:
             raise TemplateError(f"chat template: {self.name(i)} does not appear after the turn before it")
         return u
+
+    def _prefix_end(self, i: int, cursor: int, u: int) -> int | None:
+        """Where the text of messages[:i] ends in text[cursor:u] when it does not match the full text
+        from the start (Mistral writes the schemas before the last user turn, which moves once a later
+        one exists): after the last occurrence there of its end from message i-1's own text on. None
+        when message i-1 has no text that shows as it is."""
+        prefix, content = self.prefix(i), self.m[i - 1].get("content")
+        if not (isinstance(content, str) and content.strip()):
+            return None
+        at = prefix.rfind(content.strip())
+        if at < 0:
+            return None
+        found = self.text.rfind(prefix[at:], cursor, u)
+        return found + len(prefix) - at if found >= 0 else None
 
     def _header(self, i: int) -> tuple[str, bool]:
         """What the template writes before a reply, and whether a rendered reply showed it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
+
 class TemplateError(ValueError):
     """The chat template refused the record (its own message follows), or an assistant turn cannot be
     found in, or renders nothing of its own in, the rendered text. str(e) starts with "chat template: "."""
@@ -42,3 +43,41 @@ def template_error(e: Exception) -> TemplateError:
     # raise_exception(...) in a template raises jinja2's base TemplateError with the template's words
     message = str(e) if type(e) is jinja2.exceptions.TemplateError else f"{type(e).__name__}: {e}"
     return TemplateError(f"chat template: {message}")
+
+
+def check_template(text: str, where: str) -> None:
+    """Refuse a template text Jinja cannot compile, before any record is rendered with it: ValueError
+    "--chat-template WHERE: not a valid Jinja template (line N: message)". Compiled as transformers
+    compiles chat templates (sandboxed, trim_blocks, lstrip_blocks, loop controls, its
+    `{% generation %}` tag), so unknown tags, unclosed blocks and unknown filters are caught."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # transformers' {% generation %} ... {% endgeneration %}, parsed only
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    try:
+        env.compile(text)
+    except jinja2.TemplateSyntaxError as e:  # TemplateAssertionError (an unknown filter) included
+        if isinstance(e, jinja2.TemplateAssertionError) and _transformers_compiles(text):
+            return  # a filter or test transformers adds (it adds only `tojson` today, which Jinja has)
+        raise ValueError(f"--chat-template {where}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+
+
+def _transformers_compiles(text: str) -> bool:
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return False
+    try:
+        _compile_jinja_template(text)
+    except Exception:  # noqa: BLE001 - any failure: it does not compile there either
+        return False
+    return True

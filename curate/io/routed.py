@@ -66,7 +66,8 @@ def corpus_scores(state: dict, cfg: route.RouteConfig, pool: ThreadPoolExecutor 
 def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg: route.RouteConfig,
                  prefix_rows: str, staging: Path) -> tuple[list[dict], int, dict[str, tuple[str, int]], dict[str, int]]:
     """Pass 2 for one shard: its tokenize quarantine rows, truncations, written partition files and how
-    many of its routed rows had their tool calls rendered each way (chat.Encoded.tool_rendering)."""
+    many of its routed rows had their tool calls, schemas, tool turns or reasoning rendered each way
+    (chat.Encoded.tool_rendering)."""
     ing, tok, prb, sig = paths
     records, tokens = read_arrow(ing), read_arrow(tok)
     truncated = pc.sum(tokens.column("truncated")).as_py() or 0

@@ -32,7 +32,7 @@ class Tokenize(Stage):
 
     def identity(self) -> dict:
         ref = models.resolve(self.config.model, self.config.trust_remote_code)
-        return {**super().identity(), "tokenizer": models.identity(ref)}
+        return {**super().identity(), "tokenizer": models.identity(ref), "encoding": chat.ENCODING_VERSION}
 
     def tokenizer(self):
         ref = models.resolve(self.config.model, self.config.trust_remote_code)
