@@ -269,3 +269,25 @@ def test_repeated_input_options_read_every_input(tmp_path, tiny_model_dir):
     assert main(["prism", "--input", str(TAU), "--input", str(GLAIVE), "--tools", str(TAU_TOOLS), "--out", str(out),
                  "--model", tiny_model_dir, "--max-length", "256", "--prefix", "none"]) == 0
     assert json.loads((out / "manifest.json").read_text())["counts"]["input"] == 12 + 30
+
+
+def test_named_templates_are_each_in_the_manifest(tmp_path, tiny_model_dir):
+    """A tokenizer with named templates renders records with tools by `tool_use` (transformers' rule):
+    the manifest names both, so the tool rows' template is on record too."""
+    import shutil
+
+    model = tmp_path / "named"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    default = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").unlink()
+    cfg["chat_template"] = [{"name": "default", "template": default},
+                            {"name": "tool_use", "template": trl_template("qwen3.jinja").read_text()}]
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    assert main(["prism", "--input", str(GLAIVE), "--out", str(out), "--model", str(model), "--max-length", "256",
+                 "--prefix", "none"]) == 0
+    m = json.loads((out / "manifest.json").read_text())["chat_template"]
+    assert set(m["named"]) == {"default", "tool_use"} and m["named"]["default"]["sha256"] == m["sha256"]
+    assert m["named"]["tool_use"]["tool_support"]["tool_calls"] and not m["tool_support"]["tool_calls"]
+    assert m["tool_rendering"] == {"template": m["tool_rendering"]["template"]}  # tool rows: Qwen3's own form

@@ -41,10 +41,14 @@ class Tokenize(Stage):
     def describe(self) -> dict:
         """The template that produced the tokens (its sha256, and whether it came from --chat-template)
         and how it renders tool calls: what the manifest's `chat_template` reports."""
-        tok = self.tokenizer()
-        return {"chat_template": {"sha256": chat.template_sha256(tok, self.config.chat_template),
-                                  "source": "--chat-template" if self.config.chat_template else "tokenizer",
-                                  "tool_support": chat.tool_support(tok, self.config.chat_template)}}
+        tok, own = self.tokenizer(), self.config.chat_template
+        out = {"sha256": chat.template_sha256(tok, own), "source": "--chat-template" if own else "tokenizer",
+               "tool_support": chat.tool_support(tok, own)}
+        if own is None and isinstance(tok.chat_template, dict):
+            # named templates: transformers renders a record with tools by `tool_use`, others by `default`
+            out["named"] = {name: {"sha256": chat.template_sha256(tok, name), "tool_support": chat.tool_support(tok, name)}
+                            for name in sorted(tok.chat_template)}
+        return {"chat_template": out}
 
     def run(self, shard: pa.Table) -> pa.Table:
         tok = self.tokenizer()
