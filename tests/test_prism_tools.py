@@ -71,7 +71,7 @@ def test_every_record_is_routed_and_none_quarantined(routed):
     with_tools = [r for r in read_partitions(routed)
                   if r["tools"] or any(x["role"] == "tool" or x["tool_calls"] for x in r["messages"])]
     assert m["chat_template"]["tool_rendering"] == {"text": len(with_tools)} and len(with_tools) > 12
-    assert m["ingest_notes"] == {}
+    assert m["ingest_notes"] == {} and m["chat_template"]["unrendered"] == {}
 
 
 def test_routed_rows_keep_messages_and_tools(routed):
@@ -211,6 +211,9 @@ def test_prism_with_a_real_template_routes_everything(tmp_path, tiny_model_dir, 
     assert m["counts"]["quarantined"] == 0 and m["counts"]["sft"] + m["counts"]["rl"] > 0
     assert m["chat_template"]["source"] == "--chat-template"
     assert set(m["chat_template"]["tool_rendering"]) == {"template"}
+    # Llama-3.1 writes a call turn's JSON only, not the text beside it (τ-bench has such turns): said so
+    lost = m["chat_template"]["unrendered"]
+    assert lost == ({"content beside tool calls": lost["content beside tool calls"]} if name == "llama3_1.jinja" else {})
 
 
 def test_a_template_that_refuses_a_record_quarantines_it(tmp_path, tiny_model_dir):

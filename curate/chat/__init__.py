@@ -76,7 +76,8 @@ __all__ = ["ENCODING_VERSION", "TOOLS_HEADER", "Encoded", "TemplateError", "assi
 # Changes whenever `encode` gives other ids or masks for some record (a cache key can include it):
 # 2 = reasoning a template ignores written as text, schemas in the first user turn without a system
 # role, arguments as given to templates that write them as text, 9-character probe call ids.
-ENCODING_VERSION = 2
+# 3 = the tokenize stage also reports what a template writes nowhere (`unrendered`).
+ENCODING_VERSION = 3
 
 
 @dataclass
@@ -87,6 +88,9 @@ class Encoded:
     # how tool calls, schemas, results and reasoning reached the template: "template" (all through its
     # own rendering), "text" (some written as text by `prepare`), None (the record has none of them)
     tool_rendering: str | None = None
+    # what of the assistant turns the template writes nowhere (e.g. Llama-3.1 drops the text beside a
+    # call, GPT-OSS all calls but the first): "content beside tool calls", "assistant content", "tool call"
+    unrendered: tuple[str, ...] = ()
 
     @property
     def n_loss_tokens(self) -> int:
@@ -107,7 +111,7 @@ def assistant_spans(tokenizer, messages: list[dict], tools: list[dict] | None = 
     """The rendered conversation and the [start, end) character span of every assistant turn, in order
     (see the module doc for what a span covers). TemplateError when the template refuses the record or
     a turn cannot be located or renders nothing of its own."""
-    text, spans, _ = _layout(tokenizer, messages, tools, chat_template)
+    text, spans, _, _ = _layout(tokenizer, messages, tools, chat_template)
     return text, spans
 
 
@@ -120,7 +124,7 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
     tokenizer's (e.g. for a base model without one). Over `max_length` tokens the start is cut so the
     last turns are kept (`truncated`). A token is a target when it starts inside an assistant span.
     Raises TemplateError (a ValueError, "chat template: ...")."""
-    text, spans, rendering = _layout(tokenizer, messages, tools, chat_template)
+    text, spans, rendering, msgs = _layout(tokenizer, messages, tools, chat_template)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask, s = [0] * len(ids), 0
@@ -132,14 +136,28 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, mask = ids[-max_length:], mask[-max_length:]
-    return Encoded(ids, mask, truncated, rendering)
+    return Encoded(ids, mask, truncated, rendering, unrendered(text, spans, msgs))
 
 
 def _layout(tokenizer, messages, tools, chat_template):
     template = template_text(tokenizer, chat_template, tools)  # chosen with the record's tools (named templates)
     msgs, tools, rendering, origin = prepare_for(tokenizer, template, messages, tools)
     layout = Layout(tokenizer, template, tools, msgs, origin)
-    return layout.text, layout.spans(), rendering
+    return layout.text, layout.spans(), rendering, msgs
+
+
+def unrendered(text: str, spans: list[tuple[int, int]], messages: list[dict]) -> tuple[str, ...]:
+    """What of each assistant turn (template form) is not in its span: its text (the last 40 characters
+    looked for, as templates trim and cut reasoning off the front) or a call's name. Sorted, each once."""
+    found = set()
+    replies = [m for m in messages if m["role"] == "assistant"]
+    for m, (a, b) in zip(replies, spans):
+        rendered, content = text[a:b], (m.get("content") or "").strip()
+        if content and "</think>" not in content and content[-40:] not in rendered:
+            found.add("content beside tool calls" if m.get("tool_calls") else "assistant content")
+        if any(c["function"]["name"] not in rendered for c in m.get("tool_calls") or ()):
+            found.add("tool call")
+    return tuple(sorted(found))
 
 
 def prompt_column(messages: pa.Array | pa.ChunkedArray) -> pa.ListArray:

@@ -76,6 +76,9 @@ def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg:
         probed = pc.is_valid(read_arrow(prb, ["grad_norms"]).column("grad_norms"))
         for way in tokens.column("tool_rendering").filter(probed).drop_null().to_pylist():
             rendering[way] = rendering.get(way, 0) + 1
+        for lost in tokens.column("unrendered").filter(probed).drop_null().to_pylist():
+            for what in lost:  # kept apart from the rendering ways by its prefix; split in write()
+                rendering[f"unrendered:{what}"] = rendering.get(f"unrendered:{what}", 0) + 1
     rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg, _signal_columns(sig),
                              prefix_rows, known={cfg.metric: score})
     written = {}
@@ -144,7 +147,8 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         "files": files,
         "model": state["model"],
         "chat_template": {**(state["tokenize"][0].get("chat_template") or {} if state["tokenize"] else {}),
-                          "tool_rendering": dict(sorted(rendering.items()))},
+                          "tool_rendering": {k: n for k, n in sorted(rendering.items()) if ":" not in k},
+                          "unrendered": {k.split(":", 1)[1]: n for k, n in sorted(rendering.items()) if ":" in k}},
         "ingest_notes": state["ingest"].get("notes", {}),
         "modules": state["modules"],
         "config": state["config"],

@@ -28,7 +28,8 @@ class Tokenize(Stage):
     reads = ("messages", "tools")
     writes = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
                         ("n_tokens", pa.int64()), ("n_loss_tokens", pa.int64()), ("truncated", pa.bool_()),
-                        ("token_error", pa.string()), ("tool_rendering", pa.string())])
+                        ("token_error", pa.string()), ("tool_rendering", pa.string()),
+                        ("unrendered", pa.list_(pa.string()))])
 
     def identity(self) -> dict:
         ref = models.resolve(self.config.model, self.config.trust_remote_code)
@@ -72,5 +73,6 @@ class Tokenize(Stage):
             rows["n_loss_tokens"].append(enc.n_loss_tokens)
             rows["truncated"].append(enc.truncated)
             rows["token_error"].append(error)
-            rows["tool_rendering"].append(getattr(enc, "tool_rendering", None))
+            rows["tool_rendering"].append(enc.tool_rendering)
+            rows["unrendered"].append(list(enc.unrendered) or None)
         return self.check(shard, pa.table(rows))
