@@ -8,7 +8,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Real public datasets (each folder has its SOURCE.md: origin, licence, fields), shipped with the tests
+SHARED_DATA = REPO / "tests" / "data" / "real"
 
 
 def tiny_llama(vocab_size: int = 256, seed: int = 0):
@@ -28,8 +29,6 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"real datasets not found at {SHARED_DATA}")
     return SHARED_DATA
 
 
