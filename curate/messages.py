@@ -54,18 +54,21 @@ def call_arguments(text: str):
     return value if isinstance(value, dict) else text
 
 
-def for_template(messages: list[dict]) -> list[dict]:
-    """Messages as `tokenizer.apply_chat_template` takes them: compacted, call arguments parsed."""
+def for_template(messages: list[dict], parse_arguments: bool = True) -> list[dict]:
+    """Messages as `tokenizer.apply_chat_template` takes them: compacted, calls without null fields,
+    call arguments parsed (or, `parse_arguments=False`, the JSON text as given: for templates that
+    write a string as it is)."""
     out = []
     for m in compact_all(messages):
         if m.get("tool_calls"):
-            m = {**m, "tool_calls": [_template_call(c) for c in m["tool_calls"]]}
+            m = {**m, "tool_calls": [_template_call(c, parse_arguments) for c in m["tool_calls"]]}
         out.append(m)
     return out
 
 
-def _template_call(call: dict) -> dict:
-    """A call without null fields (a call with no id), its arguments parsed."""
+def _template_call(call: dict, parse_arguments: bool) -> dict:
+    """A call without null fields (a call with no id), its arguments parsed if asked."""
     out = {k: v for k, v in call.items() if v is not None}
-    out["function"] = {**call["function"], "arguments": call_arguments(call["function"]["arguments"])}
+    if parse_arguments:
+        out["function"] = {**call["function"], "arguments": call_arguments(call["function"]["arguments"])}
     return out

@@ -77,7 +77,7 @@ def _probe_call(call_id: str, arguments: str = '{"city": "Paris"}') -> dict:
 def _detect_support(tokenizer, template: str) -> dict[str, bool]:
     def text(messages, tools=None, keep_arguments=False):
         try:
-            return render_template(tokenizer, template, _template_form(messages, keep_arguments), tools)
+            return render_template(tokenizer, template, for_template(messages, parse_arguments=not keep_arguments), tools)
         except TemplateError:
             return None
 
@@ -180,8 +180,8 @@ def prepare_for(tokenizer, template: str, messages: list[dict], tools: list[dict
     if has_results and not support["tool_role"]:
         as_text = True
         msgs, origin = _results_as_text(msgs, origin)
-    return (_template_form(msgs, support["string_arguments"]), tools or None, "text" if as_text else "template",
-            origin)
+    template_form = for_template(msgs, parse_arguments=not support["string_arguments"])
+    return template_form, tools or None, "text" if as_text else "template", origin
 
 
 def turn_text(message: dict) -> str:
@@ -234,19 +234,6 @@ def _schemas_as_text(msgs: list[dict], origin: list, tools: list[dict], system_r
     msgs = list(msgs)
     msgs[first] = {**msgs[first], "content": f"{block}\n\n{user}" if user else block}
     return msgs, origin
-
-
-def _template_form(messages: list[dict], keep_arguments: bool) -> list[dict]:
-    """Messages as the template gets them: `messages.for_template` (arguments parsed), or with
-    `keep_arguments` only compacted (calls without null fields, arguments as given)."""
-    if not keep_arguments:
-        return for_template(messages)
-    out = []
-    for m in compact_all(messages):
-        if m.get("tool_calls"):
-            m = {**m, "tool_calls": [{k: v for k, v in c.items() if v is not None} for c in m["tool_calls"]]}
-        out.append(m)
-    return out
 
 
 def _results_as_text(msgs: list[dict], origin: list) -> tuple[list[dict], list]:

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -64,22 +65,20 @@ def corpus_scores(state: dict, cfg: route.RouteConfig, pool: ThreadPoolExecutor 
 
 
 def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg: route.RouteConfig,
-                 prefix_rows: str, staging: Path) -> tuple[list[dict], int, dict[str, tuple[str, int]], dict[str, int]]:
-    """Pass 2 for one shard: its tokenize quarantine rows, truncations, written partition files and how
-    many of its routed rows had their tool calls, schemas, tool turns or reasoning rendered each way
-    (chat.Encoded.tool_rendering)."""
+                 prefix_rows: str, staging: Path) -> tuple[list[dict], int, dict[str, tuple[str, int]], Counter]:
+    """Pass 2 for one shard: its tokenize quarantine rows, truncations, written partition files and, over
+    its routed rows, how the template rendered tool data (chat.Encoded.tool_rendering) and what of the
+    assistant turns it wrote nowhere (chat.Encoded.unrendered), as one Counter of ("rendering"|"unrendered", what)."""
     ing, tok, prb, sig = paths
-    records, tokens = read_arrow(ing), read_arrow(tok)
+    records, tokens, probe = read_arrow(ing), read_arrow(tok), read_arrow(prb)
     truncated = pc.sum(tokens.column("truncated")).as_py() or 0
-    rendering = {}
+    template = Counter()
     if "tool_rendering" in tokens.column_names:  # caches from before tool support have no such column
-        probed = pc.is_valid(read_arrow(prb, ["grad_norms"]).column("grad_norms"))
-        for way in tokens.column("tool_rendering").filter(probed).drop_null().to_pylist():
-            rendering[way] = rendering.get(way, 0) + 1
-        for lost in tokens.column("unrendered").filter(probed).drop_null().to_pylist():
-            for what in lost:  # kept apart from the rendering ways by its prefix; split in write()
-                rendering[f"unrendered:{what}"] = rendering.get(f"unrendered:{what}", 0) + 1
-    rows = route.routed_rows(records, tokens, read_arrow(prb), threshold, cfg, _signal_columns(sig),
+        routed = tokens.filter(pc.is_valid(probe.column("grad_norms")))
+        template.update(("rendering", way) for way in routed.column("tool_rendering").drop_null().to_pylist())
+        template.update(("unrendered", what) for lost in routed.column("unrendered").drop_null().to_pylist()
+                        for what in lost)
+    rows = route.routed_rows(records, tokens, probe, threshold, cfg, _signal_columns(sig),
                              prefix_rows, known={cfg.metric: score})
     written = {}
     for part in PARTITIONS:
@@ -88,7 +87,12 @@ def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg:
             name = f"{part}/part-{i:05d}.arrow"
             write_arrow(staging / name, subset, digest=False)
             written[part] = (name, subset.num_rows)
-    return _token_quarantine(records, tokens), truncated, written, rendering
+    return _token_quarantine(records, tokens), truncated, written, template
+
+
+def _counts(counter: Counter, kind: str) -> dict[str, int]:
+    """{what: n} of the (kind, what) keys of `counter`, sorted by what."""
+    return {what: n for (k, what), n in sorted(counter.items()) if k == kind}
 
 
 def _token_quarantine(records: pa.Table, tokens: pa.Table) -> list[dict]:
@@ -122,10 +126,9 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         quarantine.copy_lines(state["ingest"]["quarantine"])
         results = pool.map(_route_shard, range(len(shards)), shards, scores, [threshold] * len(shards),
                            [cfg] * len(shards), [prefix_rows] * len(shards), [staging] * len(shards))
-        rendering: dict[str, int] = {}
-        for bad, n_truncated, written, shard_rendering in results:
-            for way, n in shard_rendering.items():
-                rendering[way] = rendering.get(way, 0) + n
+        template = Counter()
+        for bad, n_truncated, written, shard_template in results:
+            template.update(shard_template)
             for row in bad:
                 quarantine.write(row)
             truncated += n_truncated
@@ -147,8 +150,8 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         "files": files,
         "model": state["model"],
         "chat_template": {**(state["tokenize"][0].get("chat_template") or {} if state["tokenize"] else {}),
-                          "tool_rendering": {k: n for k, n in sorted(rendering.items()) if ":" not in k},
-                          "unrendered": {k.split(":", 1)[1]: n for k, n in sorted(rendering.items()) if ":" in k}},
+                          "tool_rendering": _counts(template, "rendering"),
+                          "unrendered": _counts(template, "unrendered")},
         "ingest_notes": state["ingest"].get("notes", {}),
         "modules": state["modules"],
         "config": state["config"],
