@@ -23,6 +23,9 @@ from curate.io.atomic import stable_hash
 from curate.stages.probe import token_batches
 
 ENGINES = ("auto", "hf", "vllm")
+# What a per-record check lets through: errors that are never one record's (curate.chat's, and a model
+# folder that cannot be loaded: the files' fault), so they stop the run instead of quarantining records.
+NOT_RECORD_ERRORS = (*chat.NOT_RECORD_ERRORS, models.ModelError)
 
 
 @dataclass
@@ -63,16 +66,28 @@ def identity(cfg: GenerationConfig) -> dict:
 
 def template_problem(cfg: GenerationConfig, conversation: list[dict], tools: list[dict] | None = None,
                      reply: dict | None = None) -> str | None:
-    """Why the generator's chat template refuses to render this prompt (or the prompt and `reply`) as a
-    quarantine reason ("chat template: ..."); None when it renders. Checked before generating, so one
-    refused record is quarantined instead of stopping the batch."""
+    """Why the generator's chat template refuses to render this prompt (or the prompt and `reply`), or
+    its tokenizer the rendered prompt, as a quarantine reason ("chat template: ...", "tokenizer: ...",
+    `chat.record_error`); None when both go through. Checked before generating, so one refused record is
+    quarantined instead of stopping the batch: whatever the template or tokenizer raises on it (a
+    sandbox SecurityError, a TypeError, a RecursionError...), except errors that are never a record's
+    (`NOT_RECORD_ERRORS`: out of memory, the model's files), which stop the run."""
     tok = models.load_tokenizer(models.resolve(cfg.model, cfg.trust_remote_code))
     try:
-        chat.render(tok, conversation, generation_prompt=True, tools=tools)
+        text = chat.render(tok, conversation, generation_prompt=True, tools=tools)
+        try:
+            text.encode("utf-8")  # a lone surrogate: the tokenizer's own error would not say so
+            tok(text, add_special_tokens=False)  # as `generate` tokenises it (logprobs.prompt_ids)
+        except NOT_RECORD_ERRORS:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise chat.TokenizerError(f"tokenizer: {type(e).__name__}: {e}") from e
         if reply is not None:
             chat.render(tok, [*conversation, reply], tools=tools)
-    except chat.TemplateError as e:
-        return str(e)
+    except NOT_RECORD_ERRORS:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything raised on this record is its quarantine reason
+        return chat.record_error(e)
     return None
 
 

@@ -35,6 +35,18 @@ Templates rarely mark where assistant text starts and ends, so we find it by ren
      inside the calling turn, before its content: such a turn is not one piece and is refused).
   A turn that cannot be found this way raises TemplateError naming it: we never guess.
 
+Both paths render the conversation once or more per turn, each time up to or past the turn: a record
+of n turns would cost n renders of up to n messages (an 800-turn record took seconds, a few thousand
+turns minutes). So a record of WINDOW_FROM messages or more (chat/spans.py: `locate`) is rendered
+whole once, and its turns are located, by the same rules, in windows of a few dozen messages (the
+record's first messages, then those around a few consecutive turns), each placed in the full text by
+anchors (a mark inserted in each message's content, rendered once with the full conversation and once
+with the window) and held to it: the window's text around the turns must be exactly the full text
+there. Where a window does not hold (a template that renders a turn by what is far from it), those
+turns are located in the whole conversation as above. Linear in the turns for templates that render
+each turn from its neighbourhood (every one shipped with TRL that we test, tools and reasoning
+included); the spans are the same either way.
+
 Templates that know nothing of tool calls (SmolLM2's ChatML, most base-model templates) would render a
 turn that only calls tools as an empty turn, and most templates drop `reasoning_content`.
 `tool_support` (chat/tool_text.py) detects, per template, what it renders; what it ignores is written
@@ -53,7 +65,11 @@ DeepSeek-V3: what trainers rendering exported messages give it), else parsed int
 An assistant turn that still renders nothing of its own (only template text) raises TemplateError.
 
 Every exception the template raises becomes TemplateError (a ValueError) whose message starts with
-"chat template: ", followed by the template's own message.
+"chat template: ", followed by the template's own message (jinja2's `raise_exception`) or the
+exception's type and message ("chat template: SecurityError: access to attribute ..."); one the
+tokenizer raises on the rendered text becomes TokenizerError ("tokenizer: TYPE: ..."). Stages quarantine
+a record with `record_error(e)` for any exception but NOT_RECORD_ERRORS (MemoryError, OSError: the
+machine's or the files', never the record's).
 """
 
 from __future__ import annotations
@@ -64,14 +80,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.chat.spans import Layout
-from curate.chat.templates import (TemplateError, check_template, render_template, template_sha256,
-                                   template_text)
+from curate.chat.spans import locate
+from curate.chat.templates import (NOT_RECORD_ERRORS, TemplateError, TokenizerError, check_template, record_error,
+                                   render_template, template_sha256, template_text)
 from curate.chat.tool_text import TOOLS_HEADER, prepare_for, prepare, tool_call_text, tool_support, tools_text, turn_text
 
-__all__ = ["ENCODING_VERSION", "TOOLS_HEADER", "Encoded", "TemplateError", "assistant_spans", "check_template", "encode", "prepare",
-           "prompt_column", "prompt_messages", "render", "template_sha256", "template_text", "tool_call_text",
-           "tool_support", "tools_text", "turn_text"]
+__all__ = ["ENCODING_VERSION", "NOT_RECORD_ERRORS", "TOOLS_HEADER", "Encoded", "TemplateError", "TokenizerError",
+           "assistant_spans", "check_template", "encode", "prepare", "prompt_column", "prompt_messages",
+           "record_error", "render", "template_sha256", "template_text", "tool_call_text", "tool_support",
+           "tools_text", "turn_text"]
 
 # Changes whenever `encode` gives other ids or masks for some record (a cache key can include it):
 # 2 = reasoning a template ignores written as text, schemas in the first user turn without a system
@@ -123,9 +140,16 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
     record's function schemas (a list, or None); `chat_template`: a template text used instead of the
     tokenizer's (e.g. for a base model without one). Over `max_length` tokens the start is cut so the
     last turns are kept (`truncated`). A token is a target when it starts inside an assistant span.
-    Raises TemplateError (a ValueError, "chat template: ...")."""
+    Raises TemplateError (a ValueError, "chat template: ...") or, when the tokenizer refuses the
+    rendered text, TokenizerError (a ValueError, "tokenizer: ...")."""
     text, spans, rendering, msgs = _layout(tokenizer, messages, tools, chat_template)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        text.encode("utf-8")  # a lone surrogate: the tokenizer's own error would not say so
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NOT_RECORD_ERRORS:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer raises on this text is this record's
+        raise TokenizerError(f"tokenizer: {type(e).__name__}: {e}") from e
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask, s = [0] * len(ids), 0
     for t, (a, b) in enumerate(offsets):
@@ -142,8 +166,8 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
 def _layout(tokenizer, messages, tools, chat_template):
     template = template_text(tokenizer, chat_template, tools)  # chosen with the record's tools (named templates)
     msgs, tools, rendering, origin = prepare_for(tokenizer, template, messages, tools)
-    layout = Layout(tokenizer, template, tools, msgs, origin)
-    return layout.text, layout.spans(), rendering, msgs
+    text, spans = locate(tokenizer, template, tools, msgs, origin)
+    return text, spans, rendering, msgs
 
 
 def unrendered(text: str, spans: list[tuple[int, int]], messages: list[dict]) -> tuple[str, ...]:

@@ -11,11 +11,36 @@ class TemplateError(ValueError):
     found in, or renders nothing of its own in, the rendered text. str(e) starts with "chat template: "."""
 
 
+class TokenizerError(ValueError):
+    """The tokenizer refused the rendered text of the record (e.g. a lone surrogate, which is not
+    Unicode text). str(e) starts with "tokenizer: ", then the exception's type and message."""
+
+
+# Exceptions that are never one record's fault, so never a quarantine reason: the machine's
+# (MemoryError) and the files' (OSError: the model folder, the disk). Anything else a template or a
+# tokenizer raises on one record (jinja2's SecurityError from the sandbox, UndefinedError, TypeError,
+# KeyError, IndexError, RecursionError from a template recursing on the input, UnicodeError...) is
+# about that record: it becomes the record's reason and the run goes on. KeyboardInterrupt and
+# SystemExit are not Exceptions: `except Exception` never catches them.
+NOT_RECORD_ERRORS = (MemoryError, OSError)
+
+
+def record_error(e: Exception) -> str:
+    """The quarantine reason for an exception raised while rendering or tokenising one record: a
+    TemplateError's or TokenizerError's own message, else "chat template: TYPE: message" (the record
+    is being prepared for, or rendered by, the template)."""
+    if isinstance(e, (TemplateError, TokenizerError)):
+        return str(e)
+    return str(template_error(e))
+
+
 def template_text(tokenizer, chat_template: str | None = None, tools: list[dict] | None = None) -> str:
     """The template text `apply_chat_template` would use: `chat_template` (a template, or the name of one
     of the tokenizer's named templates) or the tokenizer's own. TemplateError when there is none."""
     try:
         return tokenizer.get_chat_template(chat_template, tools or None)
+    except NOT_RECORD_ERRORS:
+        raise
     except Exception as e:  # noqa: BLE001 - transformers says why in a ValueError
         raise template_error(e) from e
 
@@ -31,6 +56,8 @@ def render_template(tokenizer, template: str, messages: list[dict], tools: list[
     try:
         return tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
+    except NOT_RECORD_ERRORS:  # not the record's fault (see NOT_RECORD_ERRORS)
+        raise
     except Exception as e:  # noqa: BLE001 - a template can raise anything (raise_exception, TypeError, ...)
         raise template_error(e) from e
 

@@ -72,12 +72,18 @@ class Continuation(Stage):
                 rows["pair_error"][i] = "no assistant turn after a prompt"
             elif rows["stage"][i] == c.stage:
                 prompt, turn = demo
-                refused = generation.template_problem(c.generation, prompt, parse_tools(tools[i]), turn)
+                try:
+                    refused = generation.template_problem(c.generation, prompt, parse_tools(tools[i]), turn)
+                    chosen_text = None if refused else chat.turn_text(turn)
+                except generation.NOT_RECORD_ERRORS:  # the machine's or the files', not this record's
+                    raise
+                except Exception as e:  # noqa: BLE001 - e.g. tools or a call that is not JSON: this record's
+                    refused = chat.record_error(e)
                 if refused:
                     rows["pair_error"][i] = refused
                     continue
                 rows["prompt"][i] = prompt
-                rows["chosen"][i], rows["chosen_text"][i], rows["tools"][i] = [turn], chat.turn_text(turn), tools[i]
+                rows["chosen"][i], rows["chosen_text"][i], rows["tools"][i] = [turn], chosen_text, tools[i]
                 todo.append(i)
         seeds = [generation.row_seed(c.generation.seed, ids[i]) for i in todo]
         replies = generation.generate([rows["prompt"][i] for i in todo], c.generation, n=1, seeds=seeds,

@@ -97,8 +97,10 @@ class Prefix(Stage):
         for messages, tools in zip(shard.column("messages").to_pylist(), shard.column("tools").to_pylist()):
             try:
                 demo = annotate(tok, messages, parse_tools(tools), c.chat_template)
-            except ValueError:  # the tokenize stage quarantines it with the reason
-                demo = None
+            except chat.NOT_RECORD_ERRORS:  # the machine's or the files', not this record's
+                raise
+            except Exception:  # noqa: BLE001 - anything the template or tokenizer raises on this record:
+                demo = None    # no annotations; the tokenize stage quarantines it with the reason
             rows["demo"].append(demo.text if demo else None)
             rows["demo_len_tokens"].append(demo.n_tokens if demo else None)
             rows["cut_points"].append(demo.cut_points if demo else None)

@@ -81,11 +81,20 @@ class Rollout(Stage):
                                                parse_tools(record.get("tools")))
         return None
 
+    def _problem_of(self, record: dict) -> str | None:
+        """`_problem`, or what the template or tokenizer raised on this record (its quarantine reason)."""
+        try:
+            return self._problem(record)
+        except generation.NOT_RECORD_ERRORS:  # the machine's or the files', not this record's: stop the run
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. tools that are not JSON: this record's reason
+            return chat.record_error(e)
+
     def _recorded(self, records: list[dict]) -> list[dict]:
         verify = verifiers.get("recorded", self.config.success_threshold)
         rows = []
         for rec in records:
-            error = self._problem(rec)
+            error = self._problem_of(rec)
             if error:
                 rows.append({"rollout_error": error})
                 continue
@@ -98,14 +107,17 @@ class Rollout(Stage):
     def _generated(self, records: list[dict]) -> list[dict]:
         c = self.config
         verify = verifiers.get(c.verifier, c.success_threshold)
-        rows = [{"rollout_error": self._problem(rec)} for rec in records]
+        rows = [{"rollout_error": self._problem_of(rec)} for rec in records]
         # one conversation per (valid record, sample); `owner` maps it back
         owner = [(r, k) for r, row in enumerate(rows) if row["rollout_error"] is None for k in range(c.samples)]
         convs = [self._prompt(records[r]["messages"]) for r, _ in owner]
-        tools = [parse_tools(rec.get("tools")) for rec in records]
+        tools = [parse_tools(rec.get("tools")) if row["rollout_error"] is None else None
+                 for rec, row in zip(records, rows)]
         verdicts: list[list[verifiers.Verdict]] = [[] for _ in owner]
         active = list(range(len(owner)))
         for turn in range(1, c.turns + 1):
+            if turn > 1:
+                active = self._still_rendered(active, owner, convs, tools, rows, turn)
             if not active:
                 break
             seeds = [generation.row_seed(c.generation.seed, records[owner[i][0]]["id"], owner[i][1], turn)
@@ -131,6 +143,22 @@ class Rollout(Stage):
                         "turn_answers": [[v.answer for v in verdicts[i]] for i in mine],
                         "turn_score": [[v.score for v in verdicts[i]] for i in mine]})
         return rows
+
+    def _still_rendered(self, active: list[int], owner, convs, tools, rows, turn: int) -> list[int]:
+        """The active conversations whose record the generator's template and tokenizer still take, now
+        that they hold the policy's replies (a template may refuse one: GPT-OSS raises on a channel tag
+        in a reply). A record refused on any of its conversations is quarantined with that reason and
+        all its conversations stop; the others go on."""
+        keep = []
+        for i in active:
+            r = owner[i][0]
+            if rows[r]["rollout_error"] is None:
+                problem = generation.template_problem(self.config.generation, convs[i], tools[r])
+                if problem:
+                    rows[r]["rollout_error"] = f"{problem} (turn {turn} of sample {owner[i][1]}, after the policy's replies)"
+            if rows[r]["rollout_error"] is None:
+                keep.append(i)
+        return keep
 
     def _prompt(self, messages: list[dict]) -> list[dict]:
         prompt = [dict(m) for m in chat.prompt_messages(messages)]

@@ -1,7 +1,9 @@
 """Stage `tokenize`: chat template + assistant-only loss mask, explicit left truncation.
 
 The record's `tools` and every tool field of its messages go to the model's own chat template; a
-record the template refuses is quarantined with the template's message (see curate/chat/)."""
+record the template refuses is quarantined with the template's message (see curate/chat/), and so is
+one on which the template or the tokenizer raises anything else (its type and message): one record
+never stops the run."""
 
 from __future__ import annotations
 
@@ -64,9 +66,12 @@ class Tokenize(Stage):
                 if enc.n_loss_tokens == 0:
                     error = (f"no assistant tokens left after truncation to {self.config.max_length} tokens"
                              if enc.truncated else "no assistant tokens after the chat template")
-            except ValueError as e:  # chat.TemplateError's message starts with "chat template: " itself
+            except chat.NOT_RECORD_ERRORS:  # the machine's or the files', not this record's: stop the run
+                raise
+            except Exception as e:  # noqa: BLE001 - anything the template or tokenizer raises on this record
+                # (a sandbox SecurityError, TypeError, RecursionError, ...) quarantines it, the run goes on
                 enc = chat.Encoded([], [], False)
-                error = str(e) if isinstance(e, chat.TemplateError) else f"chat template: {e}"
+                error = chat.record_error(e)  # "chat template: TYPE: ..." / "tokenizer: TYPE: ..."
             rows["input_ids"].append(enc.input_ids)
             rows["loss_mask"].append(enc.loss_mask)
             rows["n_tokens"].append(len(enc.input_ids))
