@@ -1,6 +1,7 @@
 """`curate` command line. Thin: parse, build a config, call the pipeline, print where things are.
 
-Exit codes: 0 success; 2 usage or input error (the message names the file and record); 1 internal error."""
+Exit codes: 0 success; 2 usage, input or file error (the message names the file and record; a folder in
+use by another run; nothing routed); 130 interrupted (Ctrl-C; rerun to resume); 1 internal error."""
 
 from __future__ import annotations
 
@@ -49,9 +50,14 @@ def _drift_summary(manifest: dict, out: str) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from curate.io import output
     from curate.report import write_report
 
-    print(f"wrote {write_report(args.routed)}")
+    folder = Path(args.routed).resolve()
+    with output.locked(output.output_lock_path(folder), folder, "--routed"):  # not while a job rewrites it
+        print(f"wrote {write_report(args.routed)}")
     return 0
 
 
@@ -61,6 +67,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     m = export(args.routed, args.to, args.out)
     files = ", ".join(f"{name} ({f['rows']} rows)" for name, f in m["files"].items())
     skipped = "".join(f"\n  skipped {p}: {why}" for p, why in m["skipped"].items())
+    for kind, verb in (("rows_skipped", "skipped"), ("rows_folded", "folded")):
+        skipped += "".join(f"\n  {verb} {n} {p} row(s): {why}"
+                           for p, d in m[kind]["by_partition"].items() for why, n in d.items())
     print(f"exported {args.routed} for {args.to}: {files}\n  {args.out}/manifest.json{skipped}")
     return 0
 
@@ -143,14 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from curate.formats.adapters import BadRecord
+    from curate.io.output import FolderInUse
     from curate.io.readers import UnreadableFile
     from curate.models import ModelError
 
     try:
         return args.func(args)
-    except (InputError, UnreadableFile, ModelError, BadRecord, FileNotFoundError, ValueError) as e:
+    except (InputError, UnreadableFile, ModelError, BadRecord, FolderInUse, OSError, ValueError) as e:
+        # OSError: a file-level failure (permission, a full disk), named by its message
         print(f"curate: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("curate: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

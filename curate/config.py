@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,33 @@ def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Allowed values of numeric options, checked when a config is built (before any work): (low, high,
+# low is exclusive). An option of the same name means the same thing in every job. NaN is never allowed.
+RANGES = {
+    "workers": (1, None, False), "parse_procs": (0, None, False), "limit": (1, None, False),
+    "shard_size": (1, None, False), "max_length": (2, None, False), "batch_tokens": (1, None, False),
+    "quantile": (0, 1, False), "samples": (1, None, False), "turns": (1, None, False),
+    "temperature": (0, None, False), "top_p": (0, 1, True), "max_new_tokens": (1, None, False),
+    "gamma": (0, 1, True), "beta": (0, None, True), "max_weight": (0, None, True),
+    "repetition_penalty": (0, None, False), "stages": (1, None, False), "stage": (0, None, False),
+}
+
+
+def check_ranges(cfg) -> None:
+    """ValueError naming the flag when a numeric option is NaN or outside RANGES."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if math.isnan(value):
+            raise ValueError(f"{flag} must be a number, got nan")
+        low, high, open_low = RANGES.get(f.name, (None, None, False))
+        if (low is not None and (value <= low if open_low else value < low)) or (high is not None and value > high):
+            bounds = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ValueError(f"{flag} must be {bounds}, got {value}")
+
+
 class JobPaths:
     """What every job derives the same way from its input/out/work/format/shard_size/limit fields."""
 
@@ -45,7 +73,7 @@ class JobPaths:
 
     def ingest(self) -> IngestConfig:
         return IngestConfig(list(self.input), self.format, self.shard_size, self.limit, self.skip_bad_files,
-                            self.parse_procs, self.tools)
+                            self.parse_procs, self.tools, self.split)
 
 
 class Sampling:
@@ -67,6 +95,10 @@ class RunOptions(JobPaths):
     parse_procs: int | None = opt(None, "helper processes parsing JSON lines in ingest (default: one per CPU when the input has 12 MiB or more; 0: none)")
     trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run (off: only built-in architectures)")
     tools: str | None = opt(None, "JSON file of function schemas for every record without its own `tools` (e.g. tau-bench's airline_tools.json; skipped as input)")
+    split: str | None = opt(None, "split of a Hugging Face DatasetDict input to read: NAME, or 'all' (default: train; the splits not read are listed in the manifest's skipped_files)")
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass

@@ -4,12 +4,11 @@ Rollouts are the expensive part and are cached per shard like the probe (WORK/ro
 and its .done.json; the key holds the generation config, seed, verifier and model identity). Returns and
 weights are recomputed on every run from the cached verdicts: a prompt group can span shards (equal
 prompts in several records, e.g. two attempts at one ALFWorld game), and a new beta or gamma then costs
-seconds. Output follows routed/: Arrow stream shards built in OUT/.staging and swapped in, manifest last."""
+seconds. Output follows routed/: Arrow stream shards and the manifest built beside OUT and switched in as a whole."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +20,9 @@ import curate
 from curate import chat, generation, models, schema
 from curate.config import DriftConfig
 from curate.executors import make_executor
+from curate.io import output
 from curate.io.atomic import clean_stale_temps, read_arrow, stable_hash, write_arrow, write_json, write_jsonl
-from curate.io.routed import provenance, read_jsonl, swap_into_place
+from curate.io.routed import provenance, read_jsonl
 from curate.messages import compact_all
 from curate.pipeline import run_ingest, run_sharded, timed
 from curate.report import try_write_report
@@ -31,7 +31,7 @@ from curate.stages import weights as W
 from curate.stages.rollout import Rollout
 
 DRIFT = "drift"
-RECORD_COLUMNS = ("id", "source", "source_index", "format", "tools", "ground_truth", "reward")
+RECORD_COLUMNS = ("id", "source", "source_index", "format", "tools", "ground_truth", "reward", "metadata")
 
 
 def final_assistant(messages: list[dict]) -> int:
@@ -76,11 +76,14 @@ def _rollout_quarantine(records: pa.Table, rollout: pa.Table) -> list[dict]:
 
 
 def run_drift(cfg: DriftConfig) -> dict:
-    """The whole job; returns the manifest it wrote."""
-    work, out = cfg.work_dir, Path(cfg.out)
-    work.mkdir(parents=True, exist_ok=True)
+    """The whole job, holding the locks of OUT and WORK (io.output); returns the manifest it wrote."""
+    with output.job_folders(Path(cfg.out).resolve(), cfg.work_dir, cfg.input):
+        return _run_drift(cfg)
+
+
+def _run_drift(cfg: DriftConfig) -> dict:
+    work, out = cfg.work_dir, Path(cfg.out).resolve()
     clean_stale_temps(work)
-    clean_stale_temps(out)  # a killed run's temporary manifest or shard
     stage, rcfg, wcfg = Rollout(cfg.rollout()), cfg.returns(), cfg.weights()  # validate before rollouts
     recorded = stage.config.recorded
     executor = make_executor(cfg.workers, cfg.scheduler)
@@ -108,7 +111,8 @@ def run_drift(cfg: DriftConfig) -> dict:
     kept_keys = (k for k, keep in zip(keys, weighted.keep) if keep)
     group_of = {k: g for g, k in enumerate(dict.fromkeys(kept_keys))}   # dense ids, first-appearance order
     quarantine = read_jsonl(ing["quarantine"])
-    files, prompts = _write_sft(shards, weighted, group_of, rcfg, recorded, out / ".staging", quarantine)
+    staging = output.new_staging(out)
+    files, prompts = _write_sft(shards, weighted, group_of, rcfg, recorded, staging, quarantine)
     prompts_dropped = _records_with_rows(shards) - prompts
     timings["weights"] = time.perf_counter() - t
 
@@ -131,23 +135,24 @@ def run_drift(cfg: DriftConfig) -> dict:
                     "t_star": {str(t): solved.count(t) for t in sorted(set(solved))}},
         "rollout": {k: v for k, v in asdict(stage.config).items() if k != "generation"},
         "generation": None if recorded else {**asdict(gen), "engine": generation.resolve_engine(gen)},
-        "files": {"sft": files},
+        "files": {"sft": list(files)},
+        "sha256": files,
         "model": None if recorded else models.identity(models.resolve(cfg.model, cfg.trust_remote_code)),
         **provenance(cfg, ing, cache, timings),
     }
-    write_json(out / "manifest.json", manifest)
-    try_write_report(out)  # after the data and manifest are committed: a failure only warns
+    write_json(staging / "manifest.json", manifest)
+    output.commit(out)
+    try_write_report(cfg.out)  # after the data and manifest are committed: a failure only warns
     return manifest
 
 
 def _write_sft(shards, weighted: W.Weighted, group_of: dict, rcfg: ReturnConfig, recorded: bool,
-               staging: Path, quarantine: list[dict]) -> tuple[list[str], int]:
-    """Pass 2: rows with their weights, work shard i -> sft/part-i, built in staging and swapped in with
-    the quarantine (to which the rollout stage's rejects are added). Returns the files and the number of
-    records that kept rows."""
-    shutil.rmtree(staging, ignore_errors=True)
+               staging: Path, quarantine: list[dict]) -> tuple[dict[str, str], int]:
+    """Pass 2: rows with their weights, work shard i -> sft/part-i, written into staging with the
+    quarantine (to which the rollout stage's rejects are added). Returns the files ({name: sha256}) and the
+    number of records that kept rows."""
     target = schema.arrow_schema(DRIFT)
-    files, cursor, prompts = [], 0, 0
+    files, cursor, prompts = {}, 0, 0
     for i, (ing_path, rol_path) in enumerate(shards):
         records, rollout = read_arrow(ing_path), read_arrow(rol_path)
         quarantine.extend(_rollout_quarantine(records, rollout))   # the caller counts them
@@ -161,12 +166,9 @@ def _write_sft(shards, weighted: W.Weighted, group_of: dict, rcfg: ReturnConfig,
         prompts += len({r["id"] for r in kept})
         if kept:
             name = f"sft/part-{i:05d}.arrow"
-            write_arrow(staging / name, pa.Table.from_pylist(kept, schema=target), digest=False)
-            files.append(name)
+            files[name] = write_arrow(staging / name, pa.Table.from_pylist(kept, schema=target))
     write_jsonl(staging / "quarantine" / "part-00000.jsonl", quarantine)
-    for folder in ("sft", "quarantine"):
-        swap_into_place(staging / folder, staging.parent / folder)
-    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "sft").mkdir(exist_ok=True)
     return files, prompts
 
 

@@ -6,13 +6,12 @@ T runs of this job: stage t generates ỹ for its chunk of the prompts with the 
 after stage t-1 (`--stage t --model CKPT`). Both per-shard stages are cached like the probe; beta and the
 identical-pair filter are applied when the pairs are written, so they cost nothing to change.
 
-Output follows routed/: Arrow stream shards built in OUT/.staging and swapped in, manifest last, plus
-OUT/stage_index.arrow (every record's stage) and OUT/quarantine/."""
+Output follows routed/: Arrow stream shards and the manifest built beside OUT and switched in as a whole,
+with OUT/stage_index/ (every record's stage) and OUT/quarantine/."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,8 +24,9 @@ import curate
 from curate import generation, models, schema
 from curate.config import IrftConfig
 from curate.executors import make_executor
+from curate.io import output
 from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, write_arrow, write_json
-from curate.io.routed import provenance, swap_into_place
+from curate.io.routed import provenance
 from curate.messages import compact_all
 from curate.pipeline import run_ingest, run_sharded, timed
 from curate.report import try_write_report
@@ -90,11 +90,14 @@ class WinRate:
 
 
 def run_irft(cfg: IrftConfig) -> dict:
-    """The whole job; returns the manifest it wrote."""
-    work, out = cfg.work_dir, Path(cfg.out)
-    work.mkdir(parents=True, exist_ok=True)
+    """The whole job, holding the locks of OUT and WORK (io.output); returns the manifest it wrote."""
+    with output.job_folders(Path(cfg.out).resolve(), cfg.work_dir, cfg.input):
+        return _run_irft(cfg)
+
+
+def _run_irft(cfg: IrftConfig) -> dict:
+    work, out = cfg.work_dir, Path(cfg.out).resolve()
     clean_stale_temps(work)
-    clean_stale_temps(out)  # a killed run's temporary manifest or shard
     cont_stage, score_stage = Continuation(cfg.continuation()), PairScores(cfg.pair_scores())
     executor = make_executor(cfg.workers, cfg.scheduler)
     timings, cache = {}, {}
@@ -112,9 +115,8 @@ def run_irft(cfg: IrftConfig) -> dict:
         executor.close()
     t = time.perf_counter()
     generator = models.resolve(cfg.model, cfg.trust_remote_code).name
-    staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    files, counts, stage_index = [], {"pairs": 0, "identical": 0, "other_stages": 0}, []
+    staging = output.new_staging(out)
+    files, digests, counts, stage_index = [], {}, {"pairs": 0, "identical": 0, "other_stages": 0}, []
     implicit, rm = WinRate(), WinRate()
     with jsonl_writer(staging / "quarantine" / "part-00000.jsonl") as quarantine:
         quarantine.copy_lines(ing["quarantine"])
@@ -134,16 +136,14 @@ def run_irft(cfg: IrftConfig) -> dict:
             counts["other_stages"] += valid - rows.num_rows - dropped
             if rows.num_rows:
                 name = f"{PAIRS}/part-{i:05d}.arrow"
-                write_arrow(staging / name, rows, digest=False)
+                digests[name] = write_arrow(staging / name, rows)
                 files.append(name)
                 counts["pairs"] += rows.num_rows
                 implicit.add(rows.column("implicit_reward_chosen"), rows.column("implicit_reward_rejected"))
                 rm.add(rows.column("rm_score_chosen"), rows.column("rm_score_rejected"))
-    write_arrow(staging / "stage_index" / "part-00000.arrow",
-                pa.concat_tables(stage_index) if stage_index else pa.table({}))
-    for folder in (PAIRS, "quarantine", "stage_index"):
-        swap_into_place(staging / folder, out / folder)
-    shutil.rmtree(staging, ignore_errors=True)
+    digests["stage_index/part-00000.arrow"] = write_arrow(
+        staging / "stage_index" / "part-00000.arrow", pa.concat_tables(stage_index) if stage_index else pa.table({}))
+    (staging / PAIRS).mkdir(exist_ok=True)
     timings["pairs"] = time.perf_counter() - t
 
     ic = ing["counts"]
@@ -162,11 +162,13 @@ def run_irft(cfg: IrftConfig) -> dict:
             "reward_model": rm.summary() if has_rm else None},
         "generation": {**asdict(cfg.generation()), "engine": generation.resolve_engine(cfg.generation())},
         "files": {PAIRS: files, "stage_index": ["stage_index/part-00000.arrow"]},
+        "sha256": digests,
         "model": models.identity_of(cfg.model, cfg.trust_remote_code),
         "ref_model": models.identity_of(cfg.ref_model or cfg.model, cfg.trust_remote_code),
         "reward_model": models.identity_of(cfg.reward_model, cfg.trust_remote_code) if has_rm else None,
         **provenance(cfg, ing, cache, timings),
     }
-    write_json(out / "manifest.json", manifest)
-    try_write_report(out)  # after the data and manifest are committed: a failure only warns
+    write_json(staging / "manifest.json", manifest)
+    output.commit(out)
+    try_write_report(cfg.out)  # after the data and manifest are committed: a failure only warns
     return manifest

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -97,13 +98,30 @@ def identity(ref: ModelRef) -> dict:
     return {"name": ref.name, "file": ref.gguf_file, "sha256": weights_hash(ref)}
 
 
+@contextmanager
+def load_errors(ref: ModelRef, what: str):
+    """A model folder that cannot be loaded (a corrupt or truncated weights file, a broken config) is a
+    file-level error naming the folder, whatever the loader raised (safetensors, gguf and transformers
+    each raise their own types). Out-of-memory and interrupts pass through."""
+    try:
+        yield
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - any loader failure on these files is the files' fault
+        if type(e).__name__ == "OutOfMemoryError":  # torch's CUDA OOM: the device's fault, not the files'
+            raise
+        raise ModelError(f"{ref.name}: cannot load the {what} ({type(e).__name__}: {e}); "
+                         "is a weights or config file corrupt or incomplete?") from e
+
+
 @lru_cache(maxsize=None)
 def load_tokenizer(ref: ModelRef, require_template: bool = True):
     """The model's tokenizer (cached per process). ModelError when it has no chat template, unless the
     caller supplies one itself (`require_template=False`, e.g. prism's --chat-template)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ref.folder, gguf_file=ref.gguf_file, trust_remote_code=ref.trust_remote_code)
+    with load_errors(ref, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(ref.folder, gguf_file=ref.gguf_file, trust_remote_code=ref.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if require_template and not tok.chat_template:
@@ -152,8 +170,9 @@ def load_model(ref: ModelRef, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None,
-        trust_remote_code=ref.trust_remote_code)
+    with load_errors(ref, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None,
+            trust_remote_code=ref.trust_remote_code)
     model.to(device).eval().requires_grad_(False)
     return model

@@ -7,6 +7,7 @@ resumes where it stopped."""
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -17,11 +18,12 @@ import pyarrow as pa
 from curate import models
 from curate.config import PrismConfig
 from curate.executors import make_executor
-from curate.io import routed
-from curate.io.atomic import check_state_paths, clean_stale_temps, jsonl_writer, read_arrow, read_json, stable_hash, write_arrow, write_json
+from curate.io import output, readers, routed
+from curate.io.atomic import (check_state_paths, clean_stale_temps, file_sha256, jsonl_writer, read_arrow, read_json,
+                              stable_hash, write_arrow, write_json)
 from curate.report import try_write_report
 from curate.stages.base import Stage
-from curate.stages.ingest import ingest, input_fingerprint
+from curate.stages.ingest import ingest, input_fingerprint, not_read
 from curate.stages.probe import Probe
 from curate.stages.tokenize import Tokenize
 
@@ -89,7 +91,12 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
     key = stable_hash([icfg.cache_fields(), files])
     marker = folder / "ingest.done.json"
     if not cfg.force and marker.exists() and read_json(marker)["key"] == key:
-        return read_json(marker), {"computed": 0, "cached": 1}
+        done = read_json(marker)
+        if "not_read" in done:  # hidden files and curate's own folders come and go without changing the key
+            fresh = not_read(icfg)
+            failures = [e for e in done["skipped"] if e not in done["not_read"]]
+            done = {**done, "skipped": failures + fresh, "not_read": fresh}
+        return done, {"computed": 0, "cached": 1}
     shards = []
     marker.unlink(missing_ok=True)  # shards are about to be rewritten: no marker may vouch for them meanwhile
 
@@ -101,7 +108,7 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
         res = ingest(icfg, write_shard, quarantine.write, files)
     _remove_parts_beyond(folder, len(shards))
     done = {"key": key, "shards": shards, "counts": res.counts, "files": res.files, "skipped": res.skipped,
-            "notes": res.notes, "quarantine": str(folder / "quarantine.jsonl")}
+            "not_read": not_read(icfg), "notes": res.notes, "quarantine": str(folder / "quarantine.jsonl")}
     write_json(marker, done)
     return done, {"computed": 1, "cached": 0}
 
@@ -117,10 +124,16 @@ def timed(timings: dict, name: str):
 
 
 def run_prism(cfg: PrismConfig) -> dict:
-    """The whole job; returns the manifest it wrote."""
+    """The whole job, holding the locks of OUT and WORK (io.output); returns the manifest it wrote."""
+    with output.job_folders(Path(cfg.out).resolve(), cfg.work_dir, cfg.input):
+        return _run_prism(cfg)
+
+
+def _run_prism(cfg: PrismConfig) -> dict:
     work = cfg.work_dir
-    work.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(work)
+    # the shards are about to change: `curate route` must not trust this state again until it is rewritten
+    (work / STATE).unlink(missing_ok=True)
     probe = Probe(cfg.probe())
     cfg.route()  # validate routing options before hours of probing
     executor = make_executor(cfg.workers, cfg.scheduler)
@@ -145,18 +158,77 @@ def run_prism(cfg: PrismConfig) -> dict:
              "model": probe.identity()["model"], "modules": prb[0]["modules"] if prb else [],
              "timings": timings, "cache": cache}
     write_json(work / STATE, state)
-    manifest = routed.write(state, cfg.route(), Path(cfg.out))
-    try_write_report(cfg.out)  # after the data and manifest are committed: a failure only warns
+    return _route_and_report(state, cfg.route(), Path(cfg.out))
+
+
+def _route_and_report(state: dict, route_cfg, out: Path) -> dict:
+    try:
+        manifest = routed.write(state, route_cfg, out.resolve())
+    except routed.NothingRouted:
+        try_write_report(out)
+        raise
+    try_write_report(out)  # after the data and manifest are committed: a failure only warns
     return manifest
+
+
+class StaleCache(ValueError):
+    """The work folder's shards are not the ones its state.json describes (exit code 2)."""
 
 
 def reroute(work: str | Path, out: str | Path, route_cfg) -> dict:
-    """Re-route from cached probe columns: new metric or threshold, no gradients."""
-    path = Path(work) / STATE
-    if not path.exists():
+    """Re-route from cached probe columns: new metric or threshold, no gradients. Holds the locks of
+    OUT and WORK; StaleCache when the cache no longer matches state.json (see check_cache)."""
+    work, out = Path(work).resolve(), Path(out)
+    path = work / STATE
+    if not path.exists() and not output.staging_path(out.resolve()).exists():  # (a killed switch may hold it)
         raise FileNotFoundError(f"{path}: no finished prism run in this work folder")
-    check_state_paths(work, read_json(path))  # a crafted state.json must not make route read elsewhere
-    manifest = routed.write(read_json(path), route_cfg, Path(out))
-    try_write_report(out)
-    return manifest
+    with output.job_folders(out.resolve(), work, ()):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no finished prism run in this work folder (a run started on it "
+                                    "did not finish?); rerun `curate prism` first")
+        state = read_json(path)
+        check_cache(work, state)
+        return _route_and_report(state, route_cfg, out)
+
+
+def check_cache(work: Path, state: dict) -> None:
+    """Trust nothing route reads: every data file state.json names lies inside WORK, and every shard is
+    the one its stage committed for this state (its done marker holds the state's cache key and sha256,
+    and the file has that sha256). Inputs still present must be unchanged. StaleCache saying which."""
+    check_state_paths(work, state)  # a crafted state.json must not make route read elsewhere
+    ing = state["ingest"]
+    marker = work / "ingest" / "ingest.done.json"
+    if not marker.is_file() or read_json(marker).get("key") != ing["key"]:
+        raise StaleCache(f"{marker}: the ingest shards were rewritten after the prism run that wrote {work / STATE} "
+                         "(a later run on this work folder, perhaps killed); rerun `curate prism` first")
+    entries = [(e, None) for e in ing["shards"]]
+    for stage in ("tokenize", "probe"):
+        entries += [(e, stage) for e in state[stage]]
+    for name, shards in state.get("signals", {}).items():
+        entries += [(e, name) for e in shards]
+    for entry, stage in entries:
+        path = Path(entry["path"])
+        done = read_json(_marker(path)) if stage and _marker(path).is_file() else None
+        if stage and (done is None or done.get("key") != entry["key"] or done.get("sha256") != entry["sha256"]):
+            raise StaleCache(f"{path}: the {stage} shard was recomputed or removed after the prism run that wrote "
+                             f"{work / STATE}; rerun `curate prism` first")
+        if not path.is_file() or file_sha256(path) != entry["sha256"]:
+            raise StaleCache(f"{path}: missing or changed since the prism run that wrote {work / STATE}; "
+                             "rerun `curate prism` first")
+    _check_inputs(state)
+
+
+def _check_inputs(state: dict) -> None:
+    """The inputs, where they still exist, are the ones the cache was made from (route can run after
+    the raw data was moved away: the cache holds every record)."""
+    try:
+        icfg = PrismConfig(**state["config"]).ingest()
+        key = stable_hash([icfg.cache_fields(), input_fingerprint(icfg)])
+    except (OSError, ValueError, TypeError, readers.UnreadableFile) as e:
+        print(f"curate: warning: the inputs of the cached run cannot be checked ({e}); routing the cache as it is",
+              file=sys.stderr)
+        return
+    if key != state["ingest"]["key"]:
+        raise StaleCache(f"the inputs {', '.join(state['config']['input'])} changed since the prism run that made "
+                         "this cache; rerun `curate prism` to route them")
 

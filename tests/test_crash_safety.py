@@ -4,8 +4,8 @@ no duplicate or missing record; a dask worker dying mid-task -> the shard is rec
 Kills are real SIGKILLs of a `curate prism` process. To hit exact points (between a data file and its
 done marker, between a temporary file and its rename, between the swap of routed/ and the manifest),
 this module doubles as a driver: `python -m tests.test_crash_safety PATTERN N before|after -- ARGS`
-runs the CLI with os.replace wrapped so that the process kills itself around the N-th rename onto a path
-matching PATTERN. Nothing in curate knows about it. One test also kills the plain CLI from outside when
+runs the CLI with os.replace and os.rename wrapped so that the process kills itself around the N-th
+rename onto a path matching PATTERN. Nothing in curate knows about it. One test also kills the plain CLI from outside when
 a probe marker appears."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def assert_complete_and_identical(out: Path, reference: dict) -> None:
     assert c["input"] == 42 and c["duplicates"] == 1 and c["quarantined"] == 1
     assert c["sft"] + c["rl"] == 40
     assert not list(out.rglob("*.tmp")) and not (out / ".staging").exists()
+    assert sorted(p.name for p in out.parent.glob(".out.*")) == [".out.curate.lock"]  # no staging, no old
 
 
 # Kill points, one after another on the same output folder; each run resumes what the previous left.
@@ -93,8 +95,10 @@ KILL_CHAIN = [
     ("*/probe/part-*.arrow", 2, "after"),         # probe data file written, its marker not yet
     ("*/probe/part-*.done.json", 2, "before"),    # a marker's temporary file left behind
     ("*/probe/part-*.done.json", 3, "after"),     # a few more probe shards
-    ("*/.staging/sft/part-*.arrow", 1, "after"),  # routing: staging half written
-    ("*/manifest.json", 1, "before"),             # routed/ swapped in, manifest not yet written
+    ("*/.out.staging/sft/part-*.arrow", 1, "after"),  # routing: staging half written
+    ("*/.out.staging/manifest.json", 1, "after"),     # staging complete, the switch not begun
+    ("*/.out.staging/.work", 1, "after"),             # the switch: the cache carried into the staging
+    ("*/.out.old", 1, "after"),                       # the switch: no OUT for an instant
 ]
 
 
@@ -104,7 +108,8 @@ def test_sigkill_at_commit_points_then_rerun_is_identical(corpus, reference, tin
     for pattern, n, when in KILL_CHAIN:
         code = killed_run(args, pattern, n, when)
         assert code == -signal.SIGKILL, f"the run was not killed at {pattern} #{n} {when} (exit {code})"
-    assert list(out.rglob("*.tmp")), "the 'before' kill should have left a temporary file"
+        if when == "before":
+            assert list(out.rglob("*.tmp")), "the 'before' kill should have left a temporary file"
     assert main(args) == 0
     assert_complete_and_identical(out, reference)
     shutil.rmtree(out)
@@ -201,19 +206,22 @@ def _driver(argv: list[str]) -> int:
     """Run the CLI, SIGKILLing this process before/after the n-th os.replace onto a matching path."""
     pattern, n, when = argv[0], int(argv[1]), argv[2]
     args = argv[argv.index("--") + 1:]
-    real_replace, seen = os.replace, [0]
+    seen, lock = [0], threading.Lock()  # routing writes shards from several threads
 
-    def replace(src, dst, **kw):
-        hit = fnmatch.fnmatch(str(dst), pattern)
-        if hit:
-            seen[0] += 1
-        if hit and seen[0] == n and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_replace(src, dst, **kw)
-        if hit and seen[0] == n and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
+    def killing(real):
+        def rename(src, dst, **kw):
+            hit = fnmatch.fnmatch(str(dst), pattern)
+            with lock:
+                seen[0] += hit
+                chosen = hit and seen[0] == n
+            if chosen and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(src, dst, **kw)
+            if chosen and when == "after":
+                os.kill(os.getpid(), signal.SIGKILL)
+        return rename
 
-    os.replace = replace
+    os.replace, os.rename = killing(os.replace), killing(os.rename)
     return main(args)
 
 

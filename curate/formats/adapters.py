@@ -3,21 +3,27 @@
 The ingest stage calls one function per file, `iter_normalized`, on what `curate.io.readers.read_records`
 yielded. Formats are detected per record, first match in `FORMATS` order; each one's detection rule is
 the predicate in `_MATCHES`, its conversion a `convert_*` function in conversations.py, agents.py or webshop.py.
-Everything a format does not decide (recorded outcome, `ground_truth` field, final validation) is done
-once here, so all formats agree on it.
+Everything a format does not decide (recorded outcome, ground truth, final validation, the input fields
+kept as `metadata`) is done once here, so all formats agree on it: the same conversation gets the same
+ground truth and id whichever format it was written in.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
+import functools
 import hashlib
 import json
 import math
 import os
+from decimal import Decimal
 from json.encoder import encode_basestring as _encode_str  # the C encoder json.dumps uses (ensure_ascii=False)
 from collections.abc import Callable, Iterable, Iterator
 
-from curate.formats.agents import TRANSCRIPT_KEYS, convert_actions, convert_transcript
+from curate.formats.agents import TASK_KEYS, TRANSCRIPT_KEYS, convert_actions, convert_transcript
 from curate.formats.conversations import (
+    CHAT_LIST_KEYS,
     COMPLETION_KEYS,
     MESSAGE_LIST_KEYS,
     Converted,
@@ -27,14 +33,20 @@ from curate.formats.conversations import (
     convert_prompt_completion,
     convert_question_answer,
     convert_sharegpt,
+    message_list_key,
 )
 from curate.formats.records import (
     ROLES,
     BadRecord,
     Normalized,
     as_ground_truth,
+    as_outcome,
     check_unicode,
-    recorded_reward,
+    first_key,
+    hash_answer,
+    last_boxed,
+    number_text,
+    outcome_key,
     type_name,
     validate_messages,
 )
@@ -125,15 +137,104 @@ def normalize(raw: dict, fmt: str = "auto", default_tools: str | None = None) ->
         what = f"keys {_keys(raw)}" if isinstance(raw, dict) else f"got {type_name(raw)}"
         raise BadRecord(f"record does not fit format '{fmt}': {what}")
     notes: list[str] = []
+    outcome = None
     if fmt == "webshop_session":
         messages, truth, reward = convert_webshop_session(raw)
     else:
-        (messages, truth), reward = _CONVERTERS[fmt](raw, notes), recorded_reward(raw)
+        messages, truth = _CONVERTERS[fmt](raw, notes)
+        outcome = outcome_key(raw)
+        reward = None if outcome is None else as_outcome(outcome, raw[outcome])
     validate_messages(messages)
-    truth = _ground_truth(raw, truth, messages)
+    truth, from_answer = _ground_truth(raw, truth, messages)
     tools = _record_tools(raw, default_tools, notes)
+    unread = None if len(raw) == 1 else raw.keys() - _READS[fmt]  # one field: the one detection saw
+    if unread:
+        unread.difference_update(_read_alternatives(fmt, raw))
+        unread.discard(outcome)
+        if from_answer:
+            unread.discard("answer")
     return Normalized(fmt, messages, truth if truth is None else check_unicode("ground truth", truth), reward,
-                      tools, tuple(notes))
+                      tools, tuple(notes), _metadata(raw, unread) if unread else None)
+
+
+# The input fields each format reads, for `metadata` (every other field is kept there): these, and the
+# ones `_read_alternatives` names; the ground truth and the tool schemas (legacy `functions` beside
+# `tools` is noted) in every format; the outcome field used, and `answer` when it is the ground truth.
+_READS = {fmt: frozenset((*keys, "ground_truth", "tools", "functions")) for fmt, keys in {
+    "messages": (),
+    "sharegpt": ("system",),
+    "prompt_completion": ("prompt",),
+    "question_answer": ("answer",),
+    "alpaca": ("instruction", "input", "output", "instances", "system", "history"),
+    "hh": ("chosen", "prompt"),
+    "transcript": ("problem",),
+    "actions": ("action_history",),
+    "webshop_session": ("pages", "session_id", "page", "url", "goal", "content", "reward"),
+}.items()}
+
+
+def _read_alternatives(fmt: str, raw: dict) -> tuple[str, ...]:
+    """Of a list of alternatives (`messages` / `conversations` ...) a format reads the first present; the
+    others are kept in `metadata`."""
+    if fmt == "messages":
+        return (message_list_key(raw),)
+    if fmt == "prompt_completion":
+        return (first_key(raw, COMPLETION_KEYS) or "completion",)
+    if fmt == "question_answer":
+        return ("question",) if "question" in raw else ("problem", "solution")
+    if fmt == "sharegpt":
+        return (first_key(raw, CHAT_LIST_KEYS) or "conversations",)
+    if fmt == "transcript":
+        return (first_key(raw, TRANSCRIPT_KEYS) or "traj",)
+    if fmt == "actions":
+        return (first_key(raw, TASK_KEYS) or "problem",)
+    return ()
+
+
+def _metadata(raw: dict, keys: set) -> str | None:
+    """The fields `keys` of the record as JSON text (keys sorted), None when none has a value. A null or
+    NaN field is a missing one (pandas writes gaps as NaN), so it is not kept; a NaN inside a kept value
+    becomes null. Values JSON cannot hold (Parquet timestamps, decimals, binary) are written as text: ISO
+    8601, the decimal's digits, base64."""
+    extra = {str(k): v for k in keys if (v := raw[k]) is not None and not (type(v) is float and v != v)}
+    if not extra:
+        return None
+    value, dump = extra, functools.partial(json.dumps, sort_keys=True, separators=(",", ":"), default=_json_text)
+    try:
+        try:
+            text = dump(value, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # a NaN inside (a missing value): null; an infinity stays JSON's "Infinity"
+            value = _without_nan(extra)
+            text = dump(value, ensure_ascii=False)
+    except RecursionError:
+        raise BadRecord(f"fields {_keys(extra)} are nested too deep to keep as metadata") from None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # an unpaired surrogate ("\ud800" in the input): kept as its JSON escape
+            text = dump(value)
+    return text
+
+
+def _without_nan(value):
+    if type(value) is float:
+        return None if value != value else value
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def _json_text(value) -> str:
+    """json.dumps `default` for values JSON has no type for."""
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return number_text(value) or "NaN"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
 
 
 def _record_tools(raw: dict, default: str | None, notes: list[str]) -> str | None:
@@ -147,17 +248,47 @@ def _record_tools(raw: dict, default: str | None, notes: list[str]) -> str | Non
     return default
 
 
-def _ground_truth(raw: dict, from_format: str | None, messages: list[dict]) -> str | None:
-    """An explicit `ground_truth` field wins; then the format's own rule; then a short `answer`."""
-    explicit = as_ground_truth(raw.get("ground_truth"))
-    if explicit is not None or from_format is not None:
-        return explicit if explicit is not None else from_format
-    answer = raw.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+def _ground_truth(raw: dict, from_format: str | None, messages: list[dict]) -> tuple[str | None, bool]:
+    """(ground truth, whether it is the `answer` field's). The same rules for every format, first match:
+    1. an explicit `ground_truth` field;
+    2. the format's own reference field (MATH's `answer`);
+    3. a short `answer` field (at most MAX_ANSWER_CHARS; after its "####" if it has one), even when it
+       is the reply itself ({question, answer: "Tokyo"});
+    4. the final assistant turn's last line when it opens with "####" (GSM8K), whatever the format;
+    5. the final assistant turn's last \\boxed{} (MATH), whatever the format.
+    Numbers are written as `records.number_text` ("8", never "8.0")."""
+    value = raw.get("ground_truth")
+    if value is not None:  # the checks inline: this runs for every record
+        explicit = as_ground_truth(value)
+        if explicit is not None:
+            return explicit, False
+    if from_format is not None:
+        return from_format, False
+    value = raw.get("answer")
+    if value is not None:
+        answer = _short_answer(value)
+        if answer is not None:
+            return answer, True
+    for m in reversed(messages):
+        if m["role"] == "assistant":
+            reply = m["content"]
+            truth = hash_answer(reply, last_line_only=True) if "####" in reply else None
+            if truth is None and "\\boxed{" in reply:
+                truth = last_boxed(reply)
+            return truth, False
+    return None, False
+
+
+def _short_answer(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
         return None
-    answer = str(answer).strip()
-    replies = {m["content"].strip() for m in messages if m["role"] == "assistant"}
-    return answer if answer and len(answer) <= MAX_ANSWER_CHARS and answer not in replies else None
+    text = as_ground_truth(value)
+    if text is None:
+        return None
+    text = text.strip()
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    return hash_answer(text, last_line_only=True) or text
 
 
 def record_id(n: Normalized) -> str:
@@ -199,10 +330,16 @@ def canonical_json(n: Normalized) -> str:
 
 
 def _attempt(raw: dict, fmt: str, tools: str | None = None) -> Normalized | BadRecord:
+    """Any failure on one record is that record's quarantine reason ("ExcType: message" when it is not a
+    BadRecord): a record never stops the run."""
     try:
         return normalize(raw, fmt, tools)
     except BadRecord as e:
         return e
+    except RecursionError as e:
+        return BadRecord(f"RecursionError: record nested too deep to read ({e})")
+    except Exception as e:
+        return BadRecord(f"{type(e).__name__}: {e}")
 
 
 def is_session_line(item: dict | RawError, fmt: str) -> bool:
@@ -224,6 +361,8 @@ def iter_normalized(
     its first line and whose raw dict is {"session_id", "pages"}. Output is in source_index order.
     `tools`: the default `tools` of records without their own (--tools FILE, canonical JSON text).
     """
+    if fmt != "auto" and fmt not in FORMATS:  # a usage error, not a bad record
+        raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {', '.join(FORMATS)}")
     pending: list[tuple[int, dict]] = []
     for index, item in items:
         if is_session_line(item, fmt):

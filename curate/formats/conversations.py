@@ -1,7 +1,9 @@
 """Converters for chat and instruction formats: messages, sharegpt, prompt/completion, Q&A, alpaca, HH.
 
-Each `convert_*` takes a raw dict and returns `(messages, ground_truth)`; outcome fields, the
-`ground_truth` field and final validation are handled once, in `adapters.normalize`.
+Each `convert_*` takes a raw dict and returns `(messages, ground_truth)`, the ground truth being a
+reference-answer field that only its format has (MATH's `answer`), else None; outcome fields, the
+`ground_truth` field, the rules that read a ground truth off the reply (`#### N`, `\\boxed{}`) and
+final validation are handled once, in `adapters.normalize`, so every format agrees on them.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from curate.formats.records import (
     as_ground_truth,
     check_content,
     first_key,
-    hash_answer,
-    last_boxed,
     message,
+    number_text,
     require_list,
     require_str,
     type_name,
@@ -133,7 +134,7 @@ def role_content_messages(items: list, offset: int = 0, notes: list[str] | None 
     return out
 
 
-def _message_list_key(raw: dict) -> str:
+def message_list_key(raw: dict) -> str:
     """The first of MESSAGE_LIST_KEYS holding a list (τ-bench keeps its messages in `traj`)."""
     for key in MESSAGE_LIST_KEYS:
         if isinstance(raw.get(key), list):
@@ -142,7 +143,7 @@ def _message_list_key(raw: dict) -> str:
 
 
 def convert_messages(raw: dict, notes: list[str]) -> Converted:
-    return role_content_messages(require_list(raw, _message_list_key(raw)), notes=notes), None
+    return role_content_messages(require_list(raw, message_list_key(raw)), notes=notes), None
 
 
 def convert_sharegpt(raw: dict, notes: list[str]) -> Converted:
@@ -162,13 +163,28 @@ def convert_sharegpt(raw: dict, notes: list[str]) -> Converted:
     return out, None
 
 
+def _answer_text(raw: dict, key: str) -> str:
+    """A reply field that may hold a bare number (a numeric `answer` column): written as `number_text`
+    ("8", not "8.0"); NaN is a missing value."""
+    value = raw.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = number_text(value)
+        if text is None:
+            raise BadRecord(f"field '{key}' is missing (NaN)")
+        return text
+    return require_str(raw, key)
+
+
 def _side(raw: dict, key: str, role: str, offset: int, notes: list[str]) -> list[dict]:
-    """One side of a prompt/completion pair: a plain string or a list of messages (TRL conversational)."""
+    """One side of a prompt/completion pair: a plain string or a list of messages (TRL conversational);
+    a bare number as a reply is its text."""
     value = raw[key]
     if isinstance(value, str):
         return [message(role, check_content(offset, value))]
     if isinstance(value, list):
         return role_content_messages(value, offset, notes)
+    if role == "assistant" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [message(role, _answer_text(raw, key))]
     raise BadRecord(f"field '{key}' must be a string or a list of messages, got {type_name(value)}")
 
 
@@ -177,19 +193,16 @@ def convert_prompt_completion(raw: dict, notes: list[str]) -> Converted:
     if key not in raw:
         raise BadRecord("no 'completion' or 'response' field")
     prompt = _side(raw, "prompt", "user", 0, notes)
-    completion = _side(raw, key, "assistant", len(prompt), notes)
-    answer = raw[key]
-    truth = hash_answer(answer, last_line_only=True) if isinstance(answer, str) else None
-    return prompt + completion, truth
+    return prompt + _side(raw, key, "assistant", len(prompt), notes), None
 
 
 def convert_question_answer(raw: dict, notes: list[str]) -> Converted:
-    if "question" in raw:  # GSM8K: the final answer follows "####"
-        answer = require_str(raw, "answer")
-        return [message("user", require_str(raw, "question")), message("assistant", answer)], hash_answer(answer)
-    # MATH: the reference answer field, else the last \boxed{} of the solution
+    if "question" in raw:  # GSM8K: the answer is the worked solution; its "#### N" is read in adapters
+        answer = _answer_text(raw, "answer")
+        return [message("user", require_str(raw, "question")), message("assistant", answer)], None
+    # MATH: the reference answer field, whatever its length (else adapters take the last \boxed{})
     solution = require_str(raw, "solution")
-    truth = as_ground_truth(raw.get("answer")) or last_boxed(solution)
+    truth = as_ground_truth(raw.get("answer"))
     return [message("user", require_str(raw, "problem")), message("assistant", solution)], truth
 
 

@@ -151,7 +151,7 @@ def load_tools_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, ValueError) as e:  # missing, a folder, unreadable, not JSON
+    except (OSError, ValueError, RecursionError) as e:  # missing, a folder, unreadable, not JSON, too deep
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ValueError(f"--tools {path}: cannot read a JSON list of function schemas ({why})") from None
     try:

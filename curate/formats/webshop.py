@@ -22,8 +22,12 @@ def is_page_visit(raw: dict) -> bool:
 
 
 def session_key(visit: dict, default: str) -> str:
-    """The session id from the visit's URL ("/<page>/<session>/..." or "/<session>")."""
-    parts = [p for p in urlparse(str(visit.get("url", ""))).path.split("/") if p]
+    """The session id from the visit's URL ("/<page>/<session>/..." or "/<session>"); `default` when the
+    URL has none or cannot be parsed (the visit's own conversion then says what is wrong with it)."""
+    try:
+        parts = [p for p in urlparse(str(visit.get("url", ""))).path.split("/") if p]
+    except ValueError:  # e.g. "Invalid IPv6 URL": grouping must not fail, it runs outside any one record
+        return default
     if parts and parts[0] in _PATH_PAGES:
         parts = parts[1:]
     return parts[0] if parts else default

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,11 +14,16 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 TMP_SUFFIX = ".tmp"
+# The temporary name atomic_path gives: ".NAME.PID.tmp". Only files of this shape are curate's to delete.
+_OWN_TEMP = re.compile(r"^\..+\.\d+\.tmp$")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds."""
+    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds.
+
+    An OSError while writing (a full disk, a quota: pyarrow's message names no file) is raised again
+    as an OSError that names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
@@ -26,8 +32,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None and not isinstance(e.filename, int):
+            raise
+        code = e.errno or _errno_in(str(e))
+        raise OSError(code, f"cannot write ({os.strerror(code) if code else e})", str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _errno_in(message: str) -> int | None:
+    """pyarrow's OSError carries the errno only in its text ("... [errno 28] No space left ...")."""
+    found = re.search(r"errno (\d+)", message)
+    return int(found.group(1)) if found else None
 
 
 def write_arrow(path: str | os.PathLike, table: pa.Table, digest: bool = True) -> str | None:
@@ -124,23 +141,30 @@ def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 
 def check_state_paths(root: str | os.PathLike, state: dict) -> None:
-    """Every data file a pipeline state file names (stage results' "path"; ingest's "shards" and
-    "quarantine") lies inside `root`, the work folder; input files (ingest "files") are not checked.
-    Relative paths are taken as the readers take them: from the current directory."""
-    for key, value in state.items():
-        entries = value.get("shards", []) if isinstance(value, dict) else value
-        if isinstance(value, dict) and isinstance(value.get("quarantine"), str):
-            inside(root, Path(value["quarantine"]).absolute())
-        if key != "config" and isinstance(entries, list):
-            for entry in entries:
-                if isinstance(entry, dict) and "path" in entry:
-                    inside(root, Path(entry["path"]).absolute())
+    """Every data file a pipeline state file names (any "path" or "quarantine" string in it, at any depth:
+    stage results, ingest's shards, the signal stages' shards) lies inside `root`, the work folder. The
+    inputs (ingest's "files", "skipped", "not_read") and the config are not data files: not checked.
+    Relative paths are taken as the readers take them: from the current directory. ValueError naming it."""
+    def visit(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("path", "quarantine") and isinstance(value, str):
+                    inside(root, Path(value).absolute())
+                elif key not in ("files", "config", "skipped", "not_read"):
+                    visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit({k: v for k, v in state.items() if k != "config"})
 
 
 def clean_stale_temps(folder: str | os.PathLike) -> int:
-    """Remove temporary files a killed run left behind."""
+    """Remove the temporary files (atomic_path's ".NAME.PID.tmp") a killed run left in a folder curate
+    owns; call it under the folder's lock. Any other file, a user's "notes.tmp" included, stays."""
     n = 0
     for p in Path(folder).rglob(f"*{TMP_SUFFIX}"):
-        p.unlink(missing_ok=True)
-        n += 1
+        if _OWN_TEMP.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
     return n

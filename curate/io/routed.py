@@ -1,7 +1,8 @@
 """Writes routed/: sft/ and rl/ Arrow stream shards, quarantine/, and manifest.json.
 
-Everything is built in OUT/.staging and swapped into place, manifest last, so a reader never sees a
-half-written partition and a rerun leaves no stale shard behind. Shard i of each partition holds the
+Everything, manifest last, is built in a staging folder beside OUT and switched in as a whole
+(`curate.io.output.commit`), so a reader never sees a half-written partition, or partitions and a
+manifest of different runs, and a rerun leaves no stale shard behind. Shard i of each partition holds the
 rows of work shard i in input order: the same input gives the same files, byte for byte."""
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import curate
-from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, write_arrow, write_json
+from curate.io import output
+from curate.io.atomic import jsonl_writer, read_arrow, write_arrow, write_json
 from curate.messages import compact_all
 from curate.stages import route
 
@@ -65,7 +66,7 @@ def corpus_scores(state: dict, cfg: route.RouteConfig, pool: ThreadPoolExecutor 
 
 
 def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg: route.RouteConfig,
-                 prefix_rows: str, staging: Path) -> tuple[list[dict], int, dict[str, tuple[str, int]], Counter]:
+                 prefix_rows: str, staging: Path) -> tuple[list[dict], int, dict[str, tuple[str, int, str]], Counter]:
     """Pass 2 for one shard: its tokenize quarantine rows, truncations, written partition files and, over
     its routed rows, how the template rendered tool data (chat.Encoded.tool_rendering) and what of the
     assistant turns it wrote nowhere (chat.Encoded.unrendered), as one Counter of ("rendering"|"unrendered", what)."""
@@ -85,8 +86,7 @@ def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg:
         subset = rows.filter(pc.equal(rows.column("route"), part))
         if subset.num_rows:
             name = f"{part}/part-{i:05d}.arrow"
-            write_arrow(staging / name, subset, digest=False)
-            written[part] = (name, subset.num_rows)
+            written[part] = (name, subset.num_rows, write_arrow(staging / name, subset))
     return _token_quarantine(records, tokens), truncated, written, template
 
 
@@ -106,18 +106,25 @@ def _token_quarantine(records: pa.Table, tokens: pa.Table) -> list[dict]:
     return rows
 
 
+class NothingRouted(ValueError):
+    """Every record was quarantined or a duplicate: the output is written (its quarantine says why), and
+    the job fails (exit code 2) rather than report a split of nothing."""
+
+
 def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
+    """Route every probed row and switch the new OUT in; the caller holds OUT's lock (io.output).
+    Returns the manifest; NothingRouted after the switch when no row was routed."""
     t0 = time.perf_counter()
     # Shards are independent in both passes; their numpy/arrow work and file writes release the GIL, so
     # two threads use two cores. Results are taken in shard order: the same bytes as one thread.
     pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
     scores = corpus_scores(state, cfg, pool)
-    threshold = route.corpus_threshold(np.concatenate(scores) if scores else np.zeros(0, np.float32), cfg)
-    staging = out / ".staging"
-    clean_stale_temps(out)  # e.g. the manifest's temporary file, if a run was killed while writing it
-    shutil.rmtree(staging, ignore_errors=True)
+    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    threshold = route.corpus_threshold(all_scores, cfg) if all_scores.size or cfg.threshold is not None else None
+    staging = output.new_staging(out)
     counts = {p: 0 for p in PARTITIONS}
     files = {p: [] for p in PARTITIONS}
+    digests = {}
     truncated = 0
     prefix_rows = state["config"].get("prefix", "none")
     # quarantine is streamed to its file (ingest's rows, then each shard's tokenize rows): never in memory
@@ -132,12 +139,12 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
             for row in bad:
                 quarantine.write(row)
             truncated += n_truncated
-            for part, (name, n) in written.items():
+            for part, (name, n, sha) in written.items():
                 files[part].append(name)
+                digests[name] = sha
                 counts[part] += n
-    for folder in (*PARTITIONS, "quarantine"):
-        swap_into_place(staging / folder, out / folder)
-    shutil.rmtree(staging, ignore_errors=True)
+    for part in PARTITIONS:  # an empty partition is an empty folder: readers find it, with no rows
+        (staging / part).mkdir(exist_ok=True)
     ing_counts = state["ingest"]["counts"]
     manifest = {
         "curate_version": curate.__version__,
@@ -148,6 +155,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         "routing": {**asdict(cfg), "threshold": threshold, "rule": "score <= threshold -> sft" +
                     (" (reversed: -> rl)" if cfg.reverse else "")},
         "files": files,
+        "sha256": digests,
         "model": state["model"],
         "chat_template": {**(state["tokenize"][0].get("chat_template") or {} if state["tokenize"] else {}),
                           "tool_rendering": _counts(template, "rendering"),
@@ -165,20 +173,12 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     c = manifest["counts"]
     if c["input"] != c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"]:
         raise RuntimeError(f"counts do not reconcile, a record was lost: {c}")
-    write_json(out / "manifest.json", manifest)
+    write_json(staging / "manifest.json", manifest)
+    output.commit(out)
+    if not c["sft"] + c["rl"]:
+        raise NothingRouted(f"nothing routed: 0 of {c['input']} records (quarantined {c['quarantined']}, "
+                            f"duplicates {c['duplicates']}); the reasons are in {out / 'quarantine'}/")
     return manifest
-
-
-def swap_into_place(new: Path, final: Path) -> None:
-    old = final.with_name(f".old-{final.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    if new.exists():
-        new.rename(final)
-    else:
-        final.mkdir(parents=True)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -10,7 +10,10 @@ to helper processes (ingest_pool) when the input is large enough to pay for star
 results are taken in input order, so the shards are the same bytes with or without helpers.
 
 A file that cannot be read raises `readers.UnreadableFile` naming it; with `skip_bad_files` it is
-listed in `IngestResult.skipped` instead (records read before a mid-file error stay counted)."""
+listed in `IngestResult.skipped` instead (records read before a mid-file error stay counted). Everything
+else the input folders hold and ingest does not read (files of another type, hidden files, curate's own
+outputs, DatasetDict splits not chosen with `split`, the --tools file) is listed there too, with
+`records_read` 0: nothing is left out without a word."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
+from curate import schema
 from curate.formats.tools import load_tools_file
 from curate.io import readers
 from curate.io.atomic import file_sha256, stable_hash
@@ -30,6 +34,9 @@ from curate.stages.ingest_pool import HelperPool, usable_cpus
 
 # Below this much JSON lines, starting helpers (~0.25 s) costs more than it saves (break-even ~11 MiB).
 HELPERS_MIN_BYTES = 12 << 20
+# The version of what ingest makes of a record (ground-truth rules, number text, metadata), part of the
+# cache key with the record columns: a cache made by other rules is not reused.
+INGEST_RULES = 2
 
 
 @dataclass
@@ -41,10 +48,13 @@ class IngestConfig:
     skip_bad_files: bool = False                      # list unreadable files instead of failing
     parse_procs: int | None = None                    # helper processes; None: one per CPU for large input
     tools: str | None = None                          # --tools FILE: function schemas for records without their own
+    split: str | None = None                          # DatasetDict inputs: the split read (None: train; "all")
 
     def cache_fields(self) -> dict:
-        """What the shards depend on: not how many processes made them; the tools file by content."""
+        """What the shards depend on: not how many processes made them; the tools file by content; the
+        rules and the columns of this version of ingest."""
         out = {k: v for k, v in vars(self).items() if k != "parse_procs"}
+        out["rules"] = {"version": INGEST_RULES, "columns": list(schema.columns(schema.RECORD))}
         if self.tools is not None:
             self.default_tools()  # a missing or bad file is named before it is hashed
             out["tools"] = {"path": self.tools, "sha256": file_sha256(Path(self.tools))}
@@ -66,10 +76,14 @@ class IngestResult:
 
 
 def input_fingerprint(config: IngestConfig) -> list[dict]:
-    """The input files with their content hashes (a folder unit: hash of its files' hashes)."""
+    """The input files with their content hashes (a folder unit: hash of its files' hashes), then what the
+    input folders hold and ingest does not read, as {"path", "sha256": None, "skipped": reason}, so that
+    the cache key changes with it (a new .csv is listed by the next run) -- except hidden entries and
+    curate's own outputs and caches, which come and go between runs. `ingest` takes the files only."""
     out = []
-    tools = Path(config.tools).resolve() if config.tools is not None else None
-    for path in readers.list_input_files(config.inputs):
+    tools = _tools_path(config)
+    listing = readers.scan_inputs(config.inputs, config.split, config.skip_bad_files)
+    for path in listing.units:
         if tools is not None and path.resolve() == tools:
             continue  # --tools FILE inside an input folder (τ-bench ships it so) is the tools, not data
         try:
@@ -83,6 +97,27 @@ def input_fingerprint(config: IngestConfig) -> list[dict]:
     if not out and tools is not None:
         raise ValueError(f"--input {' '.join(map(str, config.inputs))}: no input file besides the --tools file "
                          f"{config.tools}, which is read as tools, not as records")
+    return out + [{"path": s["path"], "sha256": None, "skipped": s["reason"]} for s in listing.skipped
+                  if s["reason"] not in _NOT_IN_KEY]
+
+
+_NOT_IN_KEY = (readers.HIDDEN, readers.CURATE_OUTPUT, readers.CURATE_WORK)
+
+
+def _tools_path(config: IngestConfig) -> Path | None:
+    return Path(config.tools).resolve() if config.tools is not None else None
+
+
+def not_read(config: IngestConfig) -> list[dict]:
+    """What the inputs hold and ingest does not read, each {"path", "reason", "records_read": 0}: what
+    `readers.scan_inputs` skipped (DatasetDict splits not chosen, files of another type, hidden files,
+    curate's own outputs, folders it cannot list with --skip-bad-files), and the --tools file; listed
+    afresh from the folders."""
+    listing = readers.scan_inputs(config.inputs, config.split, config.skip_bad_files)
+    tools = _tools_path(config)
+    out = list(listing.skipped)
+    out += [{"path": str(p), "reason": "the --tools file: read as function schemas, not as records",
+             "records_read": 0} for p in listing.units if tools is not None and p.resolve() == tools]
     return out
 
 
@@ -93,7 +128,8 @@ def ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
     Bad records go to `quarantine(row)` as they are found (default: kept in `IngestResult.quarantine`),
     so a corpus with millions of bad records still runs in bounded memory. `files`: the inputs'
     `input_fingerprint`, if the caller has it already."""
-    res = IngestResult(files=files if files is not None else input_fingerprint(config))
+    files = files if files is not None else input_fingerprint(config)
+    res = IngestResult(files=[f for f in files if "skipped" not in f], skipped=not_read(config))
     # By now the process holds millions of long-lived objects (torch, transformers); every full garbage
     # collection that ingest's per-record dicts trigger would rescan them all. Frozen, they are skipped:
     # about 25% faster ingest. Records hold no reference cycles, so nothing is missed meanwhile.

@@ -40,8 +40,14 @@ def normalize_items(source: str, items: Iterable[tuple[int, dict | RawError]], f
                     tools: str | None = None) -> ChunkResult:
     """`tools`: default tools for records without their own (see adapters.normalize)."""
     bad, index, ids, formats, truths, rewards, offsets, messages, record_tools = [], [], [], [], [], [], [0], [], []
+    metadata: list[str | None] = []
     notes: dict[int, list[str]] = {}
     for i, raw, result in adapters.iter_normalized(source, items, fmt, tools):
+        if not isinstance(result, adapters.BadRecord):
+            try:
+                rid = adapters.record_id(result)
+            except Exception as e:  # any failure on one record is its quarantine reason, never the run's
+                result = adapters.BadRecord(f"{type(e).__name__}: {e}")
         if isinstance(result, adapters.BadRecord):
             bad.append({"source": source, "source_index": i, "stage": "ingest", "reason": str(result),
                         "raw": _raw_text(raw)})
@@ -49,18 +55,19 @@ def normalize_items(source: str, items: Iterable[tuple[int, dict | RawError]], f
         if result.notes:
             notes[len(ids)] = list(result.notes)
         index.append(i)
-        ids.append(adapters.record_id(result))
+        ids.append(rid)
         formats.append(result.format)
         truths.append(result.ground_truth)
         rewards.append(result.reward)
         record_tools.append(result.tools)
+        metadata.append(result.metadata)
         messages += result.messages
         offsets.append(len(messages))
-    table = _record_table(source, index, ids, formats, truths, rewards, offsets, messages, record_tools)
+    table = _record_table(source, index, ids, formats, truths, rewards, offsets, messages, record_tools, metadata)
     return ChunkResult(table, bad, notes)
 
 
-def _record_table(source, index, ids, formats, truths, rewards, offsets, messages, tools) -> pa.Table:
+def _record_table(source, index, ids, formats, truths, rewards, offsets, messages, tools, metadata) -> pa.Table:
     """The RECORD table from flat columns: Arrow builds it without a Python dict per row. Chunks
     without tool fields (most data) take the fast path: role and content columns, the rest null."""
     target = schema.arrow_schema(schema.RECORD)
@@ -76,7 +83,8 @@ def _record_table(source, index, ids, formats, truths, rewards, offsets, message
     columns = {"id": pa.array(ids, pa.string()), "source": pa.array([source] * len(ids), pa.string()),
                "source_index": pa.array(index, pa.int64()), "format": pa.array(formats, pa.string()),
                "messages": messages_array, "tools": pa.array(tools, pa.string()),
-               "ground_truth": pa.array(truths, pa.string()), "reward": pa.array(rewards, pa.float64())}
+               "ground_truth": pa.array(truths, pa.string()), "reward": pa.array(rewards, pa.float64()),
+               "metadata": pa.array(metadata, pa.string())}
     return pa.table([columns[name] for name in target.names], schema=target)
 
 
@@ -102,7 +110,7 @@ def _parsed(lines: list[bytes], texts: list[str] | None, start: int) -> Iterator
                 rec, end = _scan(texts[i], 0)
                 if end != len(texts[i]) and not texts[i][end:].isspace():
                     rec = None
-            except (StopIteration, ValueError):
+            except (StopIteration, ValueError, RecursionError):  # parse_json_line says what is wrong
                 pass
         if type(rec) is not dict:
             rec = parse_json_line(line, first=start + i == 0)
@@ -132,8 +140,12 @@ def item_chunks(items: Iterator[tuple[int, dict | RawError]], fmt: str) -> Itera
 
 
 def _raw_text(raw) -> str:
-    text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
-    return text[:RAW_LIMIT]
+    if isinstance(raw, str):
+        return raw[:RAW_LIMIT]
+    try:
+        return json.dumps(raw, ensure_ascii=False, default=str)[:RAW_LIMIT]
+    except (RecursionError, ValueError, TypeError) as e:  # the record stays quarantined, with what can be said
+        return f"(the record cannot be written back as JSON: {type(e).__name__})"
 
 
 # ------------------------------------------------------------------ bytes between processes (no pickle)

@@ -27,6 +27,8 @@ class RouteConfig:
             raise ValueError(f"unknown metric {self.metric!r}; choose from {', '.join(schema.METRICS)}")
         if not 0.0 <= self.quantile <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {self.quantile}")
+        if self.threshold is not None and self.threshold != self.threshold:
+            raise ValueError("--threshold must be a number, got nan")
 
 
 def scores(ids: list[str], grad_norms: pa.ChunkedArray | pa.Array, seed: int,
@@ -82,7 +84,8 @@ def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold:
     known = {m: probe.column(m).to_numpy() for m in schema.NORM_METRICS if m in probe.column_names} | (known or {})
     metrics = scores(ids, probe.column("grad_norms"), config.seed, tuple(m for m in schema.METRICS if m not in known))
     metrics = {m: known[m] if m in known else metrics[m] for m in schema.METRICS}
-    cols = {name: records.column(name) for name in schema.columns(schema.RECORD)}
+    # every record column, `metadata` included; one an older ingest cache lacks is null below
+    cols = {name: records.column(name) for name in schema.columns(schema.RECORD) if name in records.column_names}
     cols["prompt"] = chat.prompt_column(records.column("messages"))
     cols.update({name: tokens.column(name) for name in schema.TOKEN_COLUMNS})
     cols.update({name: probe.column(name) for name in schema.PROBE_COLUMNS})

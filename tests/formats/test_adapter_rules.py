@@ -75,7 +75,7 @@ BAD = [
     ({"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}, "auto",
      "message 1: unknown role 'bot'"),
     ({**SAMPLES["messages"], "result": "yes"}, "auto", "field 'result' must be a number or boolean, got str"),
-    ({**SAMPLES["messages"], "reward": math.nan}, "auto", "field 'reward' must be finite, got nan"),
+    ({**SAMPLES["messages"], "reward": math.inf}, "auto", "field 'reward' must be finite, got inf"),  # NaN: missing
     ({"prompt": 5, "completion": "x"}, "auto", "field 'prompt' must be a string or a list of messages, got int"),
     ({"question": "q", "answer": None}, "auto", "field 'answer' must be a string, got null"),
     ({"instruction": "do", "instances": []}, "auto", "field 'instances' must hold at least one {input, output} object"),
@@ -118,10 +118,10 @@ def test_recorded_outcome(fields, reward):
     ({**SAMPLES["messages"], "ground_truth": 42}, "42"),
     ({**SAMPLES["question_answer"], "ground_truth": "7"}, "7"),  # an explicit field wins
     ({**SAMPLES["messages"], "answer": "x = 3"}, "x = 3"),  # a short answer that is not the reply
-    ({**SAMPLES["messages"], "answer": "hello"}, None),  # the answer is the assistant turn
+    ({**SAMPLES["messages"], "answer": "hello"}, "hello"),  # a short answer, even when it is the reply
     ({**SAMPLES["messages"], "answer": "y" * 101}, None),  # too long to be a final answer
     ({"question": "q", "answer": "so 1,000 apples\n#### 1,000 "}, "1,000"),
-    ({"question": "q", "answer": "no marker"}, None),
+    ({"question": "q", "answer": "a worked solution, no marker " * 4}, None),
     ({"problem": "p", "solution": "thus \\boxed{\\frac{1}{2}}."}, "\\frac{1}{2}"),
     ({"problem": "p", "solution": "\\boxed{1} or \\boxed{x^{2}}", "answer": "x^2"}, "x^2"),
     ({"prompt": "q", "completion": "2 + 2 = 4\n#### 4\n"}, "4"),

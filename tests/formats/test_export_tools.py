@@ -277,17 +277,31 @@ def test_llamafactory_tool_turns_as_written(tool_routed, tmp_path):
 
 @pytest.mark.parametrize("turns, reason", [
     ([m("assistant", "", tool_calls=[call("c", "f", "{}")]), m("assistant", "and some text")],
-     "text right after that turn's tool calls"),
-    ([m("assistant", "see <tool_call>", tool_calls=[call("c", "f", "{}")])], "no unambiguous ShareGPT form"),
+     llamafactory.TEXT_AFTER_CALLS),
+    ([m("assistant", "see <tool_call>", tool_calls=[call("c", "f", "{}")])], llamafactory.CALL_MARKER),
+    ([m("assistant", "", tool_calls=[call("c", "f", '{"city": "Par')])], llamafactory.ARGS_NOT_JSON),
 ])
-def test_llamafactory_refuses_what_sharegpt_cannot_hold(tmp_path, turns, reason):
-    rows = [routed_row(7, [m("user", "go")] + turns, "sft", tools=GLAIVE_TOOLS)]
+def test_llamafactory_skips_what_sharegpt_cannot_hold(tmp_path, turns, reason):
+    rows = [routed_row(7, [m("user", "go")] + turns, "sft", tools=GLAIVE_TOOLS),
+            routed_row(8, GLAIVE, "sft", tools=GLAIVE_TOOLS)]
     folder = write_routed(tmp_path / "r", {"sft": [rows]}, schema.arrow_schema(schema.ROUTED))
-    with pytest.raises(ValueError, match=f"record id7 .*{reason}"):
-        export(folder, "llamafactory", tmp_path / "lf")
+    lf = export(folder, "llamafactory", tmp_path / "lf")
+    assert lf["rows_skipped"]["by_partition"] == {"sft": {reason: 1}} and lf["counts"] == {"sft": 1}
+    assert [e["id"] for e in lf["rows_skipped"]["examples"]["sft"]] == ["id7"]
+    assert [r["id"] for r in jsonl(tmp_path / "lf/sft.jsonl")] == ["id8"]
     export(folder, "trl", tmp_path / "trl")          # the other targets keep such turns as they are
     assert compact_all(read_arrow(tmp_path / "trl/sft.arrow").column("messages").to_pylist()[0])[1:] == \
            [compact(t) for t in turns]
+
+
+def test_llamafactory_writes_arguments_as_the_json_value_they_hold(tmp_path):
+    """Arguments that are JSON but not an object are written as that value (LLaMA-Factory `json.dumps` it
+    back to the same JSON), not as a string it would quote."""
+    rows = [routed_row(0, [m("user", "go"), m("assistant", "", tool_calls=[call("c", "f", "[1, 2]")])], "sft")]
+    export(write_routed(tmp_path / "r", {"sft": [rows]}, schema.arrow_schema(schema.ROUTED)), "llamafactory",
+           tmp_path / "lf")
+    assert jsonl(tmp_path / "lf/sft.jsonl")[0]["conversations"][1] == \
+           {"from": "function_call", "value": '{"name": "f", "arguments": [1, 2]}'}
 
 
 def test_pairs_prompt_is_stripped_when_the_columns_differ_in_fields(tmp_path):

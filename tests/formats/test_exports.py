@@ -182,10 +182,16 @@ def test_bad_inputs_are_usage_errors(routed, tmp_path, capsys):
     assert cli.main(["export", "--routed", str(routed), "--to", "verl", "--out", str(tmp_path / "ok")]) == 0
 
 
-def test_bad_row_names_file_and_record(tmp_path):
+def test_bad_row_is_skipped_and_named_in_the_manifest(tmp_path):
+    """A row the target cannot write is skipped, not fatal: counted by reason, its shard and record named
+    (more cases, one per kind and target, in test_export_skips.py)."""
     rows = [{"id": "bad1", "source": "x.jsonl", "source_index": 7, "prompt": [msg("user", "q")],
              "chosen": [msg("assistant", "a")], "rejected": [msg("user", "not a reply")]}]
     folder = write_routed(tmp_path / "irft", {"pairs": [rows]})
-    with pytest.raises(ValueError, match="part-00000.arrow: record bad1 \\(row 7 of x.jsonl\\).*rejected"):
-        export(folder, "trl", tmp_path / "trl")
-    assert not (tmp_path / "trl").exists()
+    m = export(folder, "trl", tmp_path / "trl")
+    assert m["counts"] == {"pairs": 0} and m["rows_in"] == {"pairs": 1}
+    assert m["rows_skipped"] == {"total": 1, "by_partition": {"pairs": {"`rejected` does not end with an assistant turn": 1}},
+                                 "examples": {"pairs": [{"reason": "`rejected` does not end with an assistant turn",
+                                                         "shard": "pairs/part-00000.arrow", "id": "bad1",
+                                                         "source": "x.jsonl", "source_index": 7}]}}
+    assert read_arrow(tmp_path / "trl/pairs.arrow").num_rows == 0

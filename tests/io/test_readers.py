@@ -169,8 +169,9 @@ def test_hf_save_to_disk_dataset_and_dataset_dict(tmp_path):
     assert records(tmp_path / "one") == list(enumerate(ROWS))
     dd = datasets.DatasetDict({"train": ds, "test": datasets.Dataset.from_list(ROWS[:1])})
     dd.save_to_disk(str(tmp_path / "dict"))
-    # splits in sorted name order ("test" before "train"), the index continuing across them
-    assert records(tmp_path / "dict") == list(enumerate(ROWS[:1] + ROWS))
+    # the train split by default; with split="all" every split in name order, the index continuing
+    assert records(tmp_path / "dict") == list(enumerate(ROWS))
+    assert list(read_records(tmp_path / "dict", split="all")) == list(enumerate(ROWS[:1] + ROWS))
 
 
 @pytest.mark.parametrize("name", ["e.jsonl", "e.json", "e.parquet", "e.arrow", "e.jsonl.gz", "e.parquet.gz"])
@@ -245,7 +246,7 @@ def test_list_input_files_order_skips_and_hf_units(tmp_path):
     listed = list_input_files([single, root, root / "b.jsonl"])  # b.jsonl again: listed once
     assert [p.relative_to(tmp_path).as_posix() for p in listed] == [
         "single.jsonl", "in/a.jsonl", "in/a/y.parquet.gz", "in/a/z.json", "in/b.jsonl",
-        "in/c/d/e.arrow", "in/c/hf", "in/hfdict", "in/license_plates.jsonl",
+        "in/c/d/e.arrow", "in/c/hf", "in/hfdict/train", "in/license_plates.jsonl",
     ]
-    assert list_input_files([root / "hfdict"]) == [root / "hfdict"]
+    assert list_input_files([root / "hfdict"]) == [root / "hfdict" / "train"]  # a DatasetDict: its split
     assert list_input_files([root / "c", single]) == [root / "c" / "d" / "e.arrow", root / "c" / "hf", single]

@@ -27,7 +27,8 @@ PARTITIONS = ("sft", "rl", "pairs")
 UNSUPPORTED: dict[str, str] = {}
 
 
-def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition) -> list[dict]:
+def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition,
+            log: common.RowLog) -> list[dict]:
     table = common.partition_table(partition, table, path)
     scalars = common.scalar_columns(table.schema)
     keep = ["messages"] if partition == "sft" else ["prompt"] if partition == "rl" else ["prompt", "chosen", "rejected"]

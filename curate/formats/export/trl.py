@@ -24,5 +24,6 @@ PARTITIONS = ("sft", "rl", "pairs")
 UNSUPPORTED: dict[str, str] = {}
 
 
-def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition) -> pa.Table:
+def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition,
+            log: common.RowLog) -> pa.Table:
     return common.partition_table(partition, table, path)

@@ -29,7 +29,8 @@ EXTRA_INFO = ("id", "source", "source_index", "format", "reward", "score", "gini
               "implicit_reward", "demo_len_tokens", "cut_points", "tools")
 
 
-def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition) -> pa.Table:
+def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition,
+            log: common.RowLog) -> pa.Table:
     if partition == "sft":
         table = common.sft_table(table, path)
         return table.select(["messages", *[c for c in common.scalar_columns(table.schema) if c != "messages"]])
