@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from curate import config
-
 
 class InputError(Exception):
     """Bad input or usage: exit code 2."""
@@ -25,6 +23,8 @@ def _summary(manifest: dict, out: str) -> str:
 
 def cmd_job(args: argparse.Namespace) -> int:
     """prism, drift, irft: the subcommand's flags -> its job config -> the run's summary."""
+    from curate import config
+
     print(run_job(args.command, config.from_args(args, config.JOBS[args.command])))
     return 0
 
@@ -103,6 +103,8 @@ def run_job(job: str, cfg) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from curate import config
+
     job = config.pipeline_job(args.pipeline)
     if job not in config.JOBS:
         raise InputError(f"{args.pipeline}: unknown job {job!r}; choose from {', '.join(config.JOBS)}")
@@ -111,6 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from curate import config  # here, not at import: a Ctrl-C during its imports is then caught by main
+
     parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -150,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also during the imports of a job's libraries
+        print("curate: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from curate.formats.adapters import BadRecord
     from curate.io.output import FolderInUse
@@ -162,9 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         # OSError: a file-level failure (permission, a full disk), named by its message
         print(f"curate: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("curate: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

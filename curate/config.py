@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,18 +50,46 @@ RANGES = {
 
 
 def check_ranges(cfg) -> None:
-    """ValueError naming the flag when a numeric option is NaN or outside RANGES."""
+    """ValueError naming the flag when an option has the wrong type (a YAML file or `--set` can give any),
+    or a numeric option is NaN, infinite or outside RANGES."""
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        _check_type(flag, value, hints[f.name])
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if math.isnan(value):
-            raise ValueError(f"{flag} must be a number, got nan")
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
         low, high, open_low = RANGES.get(f.name, (None, None, False))
         if (low is not None and (value <= low if open_low else value < low)) or (high is not None and value > high):
             bounds = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
             raise ValueError(f"{flag} must be {bounds}, got {value}")
+
+
+def _check_type(flag: str, value, hint) -> None:
+    """`value` matches the field's type hint (int, float, str, bool, list[str], each maybe None); an int
+    is a float too, a bool is neither."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return
+        raise ValueError(f"{flag} needs a value")
+    for kind in allowed:
+        if typing.get_origin(kind) is list:
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return
+        elif kind is bool:
+            if isinstance(value, bool):
+                return
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return
+        elif isinstance(value, kind) and not isinstance(value, bool):
+            return
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"{flag} must be {names}, got {value!r}")
 
 
 class JobPaths:
@@ -82,6 +111,7 @@ class Sampling:
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.model, self.engine, self.device, self.temperature, self.top_p,
                                 self.max_new_tokens, self.seed, self.batch_tokens, self.trust_remote_code)
+
 
 
 @dataclass
@@ -263,6 +293,15 @@ def pipeline_job(path: str | Path) -> str:
     return data.get("job", "prism")
 
 
+def _yaml_value(text: str):
+    """A `--set` value as YAML reads it; "nan"/"inf" (which YAML keeps as text) as the floats they name,
+    so that the range check refuses them like the command line's flags."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(value)
+    return value
+
+
 def load_yaml(path: str | Path, overrides: list[str] = (), cls=PrismConfig) -> PrismConfig:
     """A pipelines/*.yaml file (top-level keys are the fields) with key=value overrides on top."""
     data = yaml.safe_load(Path(path).read_text()) or {}
@@ -270,7 +309,7 @@ def load_yaml(path: str | Path, overrides: list[str] = (), cls=PrismConfig) -> P
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        data[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        data[key.strip().replace("-", "_")] = _yaml_value(value)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names - {"job"})
     if unknown:

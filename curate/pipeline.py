@@ -59,7 +59,8 @@ def _cached(target: Path, key: str, force: bool) -> dict | None:
     if force or not (marker.exists() and target.exists()):
         return None
     done = read_json(marker)
-    return done if done.get("key") == key else None
+    # a marker copied with its folder (cp -a OUT COPY) names the original's file: recompute, never read it
+    return done if done.get("key") == key and done.get("path") == str(target) else None
 
 
 def run_sharded(stage: Stage, upstream: list[dict], folder: Path, executor, force: bool, gpu: bool = False):
@@ -90,8 +91,9 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
     files = input_fingerprint(icfg)
     key = stable_hash([icfg.cache_fields(), files])
     marker = folder / "ingest.done.json"
-    if not cfg.force and marker.exists() and read_json(marker)["key"] == key:
-        done = read_json(marker)
+    done = read_json(marker) if not cfg.force and marker.exists() else {}
+    here = all(Path(sh["path"]).parent == folder for sh in done.get("shards", []))  # not a copied folder's
+    if done.get("key") == key and here:
         if "not_read" in done:  # hidden files and curate's own folders come and go without changing the key
             fresh = not_read(icfg)
             failures = [e for e in done["skipped"] if e not in done["not_read"]]
@@ -108,7 +110,8 @@ def run_ingest(cfg: PrismConfig, folder: Path) -> tuple[dict, dict]:
         res = ingest(icfg, write_shard, quarantine.write, files)
     _remove_parts_beyond(folder, len(shards))
     done = {"key": key, "shards": shards, "counts": res.counts, "files": res.files, "skipped": res.skipped,
-            "not_read": not_read(icfg), "notes": res.notes, "quarantine": str(folder / "quarantine.jsonl")}
+            "not_read": not_read(icfg), "notes": res.notes, "quarantine": str(folder / "quarantine.jsonl"),
+            "quarantine_sha256": file_sha256(folder / "quarantine.jsonl")}
     write_json(marker, done)
     return done, {"computed": 1, "cached": 0}
 
@@ -180,14 +183,20 @@ def reroute(work: str | Path, out: str | Path, route_cfg) -> dict:
     OUT and WORK; StaleCache when the cache no longer matches state.json (see check_cache)."""
     work, out = Path(work).resolve(), Path(out)
     path = work / STATE
-    if not path.exists() and not output.staging_path(out.resolve()).exists():  # (a killed switch may hold it)
-        raise FileNotFoundError(f"{path}: no finished prism run in this work folder")
+    if not work.is_dir() and not output.staging_path(out.resolve()).exists():  # (a killed switch may hold it)
+        raise FileNotFoundError(f"{work}: no such work folder")
     with output.job_folders(out.resolve(), work, ()):
         if not path.exists():
             raise FileNotFoundError(f"{path}: no finished prism run in this work folder (a run started on it "
                                     "did not finish?); rerun `curate prism` first")
-        state = read_json(path)
-        check_cache(work, state)
+        try:
+            state = read_json(path)
+            check_cache(work, state)
+        except StaleCache:
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+            raise StaleCache(f"{path}: not the state file of a finished prism run ({type(e).__name__}: {e}); "
+                             "rerun `curate prism`") from e
         return _route_and_report(state, route_cfg, out)
 
 
@@ -195,8 +204,19 @@ def check_cache(work: Path, state: dict) -> None:
     """Trust nothing route reads: every data file state.json names lies inside WORK, and every shard is
     the one its stage committed for this state (its done marker holds the state's cache key and sha256,
     and the file has that sha256). Inputs still present must be unchanged. StaleCache saying which."""
-    check_state_paths(work, state)  # a crafted state.json must not make route read elsewhere
+    try:
+        check_state_paths(work, state)  # a crafted state.json must not make route read elsewhere
+    except ValueError as e:
+        raise StaleCache(f"{e} (was the work folder moved or copied? its state names absolute paths); "
+                         "rerun `curate prism` on it") from None
     ing = state["ingest"]
+    quarantine = Path(ing["quarantine"])
+    if "quarantine_sha256" in ing and (not quarantine.is_file() or file_sha256(quarantine) != ing["quarantine_sha256"]):
+        raise StaleCache(f"{quarantine}: missing or changed since the prism run that wrote {work / STATE}; "
+                         "rerun `curate prism` first")
+    if any(entry.get("modules", state["modules"]) != state["modules"] for entry in state["probe"]):
+        raise StaleCache(f"{work / STATE}: its module list is not the one its probe shards were computed for; "
+                         "rerun `curate prism` first")
     marker = work / "ingest" / "ingest.done.json"
     if not marker.is_file() or read_json(marker).get("key") != ing["key"]:
         raise StaleCache(f"{marker}: the ingest shards were rewritten after the prism run that wrote {work / STATE} "
@@ -223,12 +243,17 @@ def _check_inputs(state: dict) -> None:
     the raw data was moved away: the cache holds every record)."""
     try:
         icfg = PrismConfig(**state["config"]).ingest()
-        key = stable_hash([icfg.cache_fields(), input_fingerprint(icfg)])
+        files = input_fingerprint(icfg)
+        key = stable_hash([icfg.cache_fields(), files])
     except (OSError, ValueError, TypeError, readers.UnreadableFile) as e:
         print(f"curate: warning: the inputs of the cached run cannot be checked ({e}); routing the cache as it is",
               file=sys.stderr)
         return
     if key != state["ingest"]["key"]:
-        raise StaleCache(f"the inputs {', '.join(state['config']['input'])} changed since the prism run that made "
-                         "this cache; rerun `curate prism` to route them")
+        then = {f["path"]: f.get("sha256") for f in state["ingest"].get("files", [])}
+        now = {f["path"]: f.get("sha256") for f in files if "skipped" not in f}
+        changed = sorted(p for p in then.keys() | now.keys() if then.get(p) != now.get(p))
+        what = f"the input {', '.join(changed[:3])}" if changed else \
+            f"the inputs {', '.join(state['config']['input'])} (their listing, options or curate's ingest rules)"
+        raise StaleCache(f"{what} changed since the prism run that made this cache; rerun `curate prism` to route them")
 

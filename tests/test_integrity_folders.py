@@ -7,6 +7,7 @@ of the switch (the driver of tests/test_crash_safety.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -322,3 +323,112 @@ def test_export_and_jobs_do_not_take_each_others_folders(routed, corpus, tiny_mo
     assert main(["export", "--routed", str(routed), "--to", "trl", "--out", str(routed)]) == 2
     assert main(["export", "--routed", str(routed), "--to", "trl", "--out", str(corpus.parent / "e")]) == 0
     assert main(["export", "--routed", str(tmp_path / "v"), "--to", "trl", "--out", str(corpus.parent / "e")]) == 2
+
+
+# faults a second round of attacks found
+@pytest.mark.parametrize("setting", ["threshold=nan", "threshold=inf", "max_length=abc", "shard_size=abc"])
+def test_pipeline_file_values_are_type_and_range_checked(corpus, tmp_path, capsys, setting):
+    code = main(["run", str(REPO / "pipelines" / "prism.yaml"), "--set", f"input=[{corpus}]",
+                 "--set", f"out={tmp_path / 'o'}", "--set", setting])
+    assert code == 2 and setting.split("=")[0].replace("_", "-") in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_kill_while_the_first_staging_manifest_is_written_resumes(corpus, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = prism_args(corpus, out, tiny_model_dir)
+    assert killed_run(args, "*/.out.staging/manifest.json", 1, "before") == -signal.SIGKILL
+    assert main(args) == 0
+    assert_consistent(out)
+    assert not list(out.glob("*.tmp")) and sorted(p.name for p in tmp_path.glob(".out.*")) == [".out.curate.lock"]
+
+
+def test_folders_beside_the_output_that_are_not_curates_are_never_touched(routed, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "userdir").mkdir(parents=True)
+    (mine / "userdir" / "data.txt").write_text("precious")
+    for name in (".userdir.old", ".userdir.staging", ".results.old"):
+        (mine / name).mkdir()
+        (mine / name / "keep.txt").write_text(name)
+    before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
+    for out in ("userdir", "results"):
+        assert main(["route", "--work", str(routed / ".work"), "--out", str(mine / out)]) == 2
+        assert "curate" in capsys.readouterr().err
+    after = sorted(str(p.relative_to(mine)) for p in mine.rglob("*") if "curate.lock" not in p.name)
+    assert after == before
+
+
+def test_a_non_finite_probe_result_quarantines_its_row(routed):
+    work = routed / ".work"
+    state = json.loads((work / "state.json").read_text())
+    shard = Path(state["probe"][0]["path"])
+    t = pa.ipc.open_stream(pa.OSFile(str(shard))).read_all()
+    loss = t.column("probe_loss").to_pylist()
+    loss[0] = float("inf")  # as a model that overflows on this one example gives
+    from curate.io.atomic import write_arrow
+    sha = write_arrow(shard, t.set_column(t.schema.get_field_index("probe_loss"), "probe_loss",
+                                          pa.array(loss, pa.float32())))
+    marker = shard.with_suffix(".done.json")
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "sha256": sha}))
+    state["probe"][0]["sha256"] = sha
+    write_json(work / "state.json", state)
+    assert main(["route", "--work", str(work), "--out", str(routed)]) == 0
+    m = json.loads((routed / "manifest.json").read_text())
+    assert m["counts"]["quarantined_probe"] == 1 and m["counts"]["sft"] + m["counts"]["rl"] == 11
+    rows = [json.loads(x) for x in (routed / "quarantine" / "part-00000.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["probe"] and "not finite" in rows[0]["reason"]
+    assert_consistent(routed)
+
+
+def test_a_copied_output_never_reads_the_originals_cache(finished, corpus, tiny_model_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    assert main(["route", "--work", str(copy / ".work"), "--out", str(tmp_path / "r")]) == 2
+    assert "moved or copied" in capsys.readouterr().err
+    assert main(prism_args(corpus, copy, tiny_model_dir)) == 0
+    state = (copy / ".work" / "state.json").read_text()
+    assert str(finished) not in state
+    assert json.loads((copy / "manifest.json").read_text())["cache"]["probe"]["computed"] == 3
+
+
+@pytest.mark.parametrize("tamper", [lambda s: [], lambda s: {**s, "probe": "x"}, lambda s: {k: v for k, v in s.items() if k != "probe"},
+                                    lambda s: {**s, "probe": [{**s["probe"][0], "path": 5}, *s["probe"][1:]]},
+                                    lambda s: {**s, "modules": s["modules"][:3]}])
+def test_a_malformed_state_is_an_error_naming_it(routed, capsys, tamper):
+    path = routed / ".work" / "state.json"
+    write_json(path, tamper(json.loads(path.read_text())))
+    assert main(["route", "--work", str(routed / ".work"), "--out", str(routed)]) == 2
+    assert "rerun `curate prism`" in capsys.readouterr().err
+
+
+def test_a_changed_ingest_quarantine_is_refused(routed, capsys):
+    with open(routed / ".work" / "ingest" / "quarantine.jsonl", "a") as fh:
+        fh.write('{"source": "x"}\n')
+    assert main(["route", "--work", str(routed / ".work"), "--out", str(routed)]) == 2
+    assert "quarantine.jsonl: missing or changed" in capsys.readouterr().err
+
+
+def test_an_output_name_that_is_not_utf8_is_refused_up_front(corpus, tiny_model_dir, tmp_path, capsys):
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/o\xff"))
+    assert main(prism_args(corpus, out, tiny_model_dir)) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_export_lists_an_empty_routed_partition(routed, tmp_path):
+    assert main(["route", "--work", str(routed / ".work"), "--out", str(routed), "--quantile", "1"]) == 0
+    assert main(["export", "--routed", str(routed), "--to", "trl", "--out", str(tmp_path / "e")]) == 0
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert "no rows" in m["skipped"]["rl"] and not (tmp_path / "e" / "rl.jsonl").exists()
+
+
+def test_route_during_a_prism_run_on_its_work_names_the_holder(routed, capsys):
+    work = routed / ".work"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.replace("output.output_lock_path(out)", "out / '.curate.lock'"),
+                             str(work)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert main(["route", "--work", str(work), "--out", str(routed.parent / "r2")]) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "in use by another curate run" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 TMP_SUFFIX = ".tmp"
 # The temporary name atomic_path gives: ".NAME.PID.tmp". Only files of this shape are curate's to delete.
-_OWN_TEMP = re.compile(r"^\..+\.\d+\.tmp$")
+OWN_TEMP = re.compile(r"^\..+\.\d+\.tmp$")
 
 
 @contextmanager
@@ -164,7 +164,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> int:
     owns; call it under the folder's lock. Any other file, a user's "notes.tmp" included, stays."""
     n = 0
     for p in Path(folder).rglob(f"*{TMP_SUFFIX}"):
-        if _OWN_TEMP.match(p.name) and p.is_file():
+        if OWN_TEMP.match(p.name) and p.is_file():
             p.unlink(missing_ok=True)
             n += 1
     return n

@@ -28,8 +28,11 @@ from typing import Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
+from curate.io.atomic import OWN_TEMP
+
 LOCK_SUFFIX = ".curate.lock"
 WORK_MARKER = ".curate-work"
+STAGING_MARKER = ".curate-staging"  # in a staging folder until its switch: tells it from a user's folder
 # Everything a curate job writes at the top of an output folder. These are replaced by a new run; any
 # other entry (the default cache .work, a user's file) is carried over into the new output.
 OUTPUT_ENTRIES = frozenset({"sft", "rl", "pairs", "stage_index", "quarantine", "manifest.json", "report.html"})
@@ -84,7 +87,13 @@ def _within(path: Path, folder: Path) -> bool:
 def check_paths(out: Path | None, work: Path | None, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Refuse an output that is, or holds, an input (its switch would replace the user's data) and a work
     folder inside an input where the readers would take its shards for data (they skip hidden folders,
-    such as the default OUT/.work, and curate outputs). NotOurs naming both paths."""
+    such as the default OUT/.work, and curate outputs), and a path that is not valid UTF-8 (it could not
+    be written into a manifest). NotOurs naming both paths."""
+    for option, path in (("--out", out), ("--work", work)):
+        if path is not None and _not_utf8(path):
+            raise NotOurs(f"{option} {ascii(str(path))}: the name is not valid UTF-8 text; choose another")
+    if out is not None and work is not None and out == work:
+        raise NotOurs(f"--work {work} is the output folder itself; leave --work out (default: OUT/.work)")
     for raw in inputs:
         src = Path(raw).resolve()
         if out is not None and _within(src, out):
@@ -96,6 +105,14 @@ def check_paths(out: Path | None, work: Path | None, inputs: Sequence[str | os.P
                               "data; choose a work folder outside it")
 
 
+def _not_utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def is_curate_output(folder: Path, export: bool = False) -> bool:
     """An output folder curate may replace: missing, empty, a finished output of the same kind (a job's
     manifest names curate's version; an export's has an "export" block) or one left by a run killed
@@ -104,7 +121,7 @@ def is_curate_output(folder: Path, export: bool = False) -> bool:
         return True
     if not folder.is_dir():
         return False
-    entries = {p.name for p in folder.iterdir()}
+    entries = {p.name for p in folder.iterdir() if not OWN_TEMP.match(p.name)}
     if not entries - {".work", *LEGACY_ENTRIES}:
         return True
     try:
@@ -147,8 +164,14 @@ def job_folders(out: Path, work: Path | None, inputs: Sequence[str | os.PathLike
     `export`: OUT is an export folder (all of it is the export's: nothing is carried over)."""
     check_paths(out, work, inputs)
     with locked(output_lock_path(out), out, "--out"):
+        if out.exists():
+            claim_output(out, export)  # before recovery moves anything: a folder not ours is left as it is
         recover(out, carry=not export)
         claim_output(out, export)
+        for leftover in (staging_path(out), _old_path(out)):
+            if leftover.exists() or leftover.is_symlink():
+                raise NotOurs(f"{leftover} exists and is not curate's (curate would use that name while it "
+                              f"switches in {out}); move it away")
         if work is None:
             yield
             return
@@ -166,17 +189,34 @@ def _old_path(out: Path) -> Path:
 
 
 def new_staging(out: Path) -> Path:
-    """An empty staging folder for `out`'s next output (call under the output lock, after `recover`)."""
+    """An empty staging folder for `out`'s next output, marked as curate's (call under the output lock,
+    after `recover`, which removed any staging of curate's: a folder there now is not ours)."""
     staging = staging_path(out)
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    (staging / STAGING_MARKER).touch()
     return staging
 
 
+def _ours_staging(staging: Path) -> bool:
+    """A staging folder curate made: marked, or complete (the marker is removed just before the switch)."""
+    return staging.is_dir() and not staging.is_symlink() and (
+        (staging / STAGING_MARKER).is_file() or _is_manifest(staging / "manifest.json"))
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and ("curate_version" in manifest or "export" in manifest)
+
+
 def _carry_over(src: Path, dst: Path) -> None:
-    """Move every entry of `src` that is not a curate output entry into `dst` (renames: no copying)."""
+    """Move every entry of `src` that is not curate's (an output entry, the staging marker or a temporary
+    file of atomic_path) into `dst`: renames, no copying."""
     for entry in sorted(src.iterdir()):
-        if entry.name in OUTPUT_ENTRIES or entry.name in LEGACY_ENTRIES:
+        if entry.name in OUTPUT_ENTRIES or entry.name in LEGACY_ENTRIES or entry.name == STAGING_MARKER \
+                or OWN_TEMP.match(entry.name):
             continue
         if not (dst / entry.name).exists() and not (dst / entry.name).is_symlink():
             entry.rename(dst / entry.name)
@@ -189,10 +229,12 @@ def commit(out: Path, carry: bool = True) -> None:
     staging, old = staging_path(out), _old_path(out)
     if not (staging / "manifest.json").is_file():
         raise RuntimeError(f"{staging}: no manifest.json; refusing to switch in an unfinished output")
+    if old.exists() or old.is_symlink():  # recover() removed curate's own: this one is not
+        raise NotOurs(f"{old} exists and is not curate's; move it away and rerun (the output is in {staging})")
+    (staging / STAGING_MARKER).unlink(missing_ok=True)
     if out.exists():
         if carry:
             _carry_over(out, staging)
-        shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
@@ -204,17 +246,26 @@ def recover(out: Path, carry: bool = True) -> None:
     - OUT missing, `.old` present: killed between the two renames. The staging is complete (its manifest
       is written before the switch starts): rename it in; without one, put the old output back.
     - OUT present: a leftover staging is unfinished or was never switched in. What was carried into it
-      (the cache, a user's files) goes back into OUT, then the staging and any `.old` are removed."""
+      (the cache, a user's files) goes back into OUT, then the staging and any `.old` are removed.
+    Only folders that are curate's are touched: a staging with curate's marker or manifest, an `.old`
+    that is a curate output (of the same kind)."""
     staging, old = staging_path(out), _old_path(out)
-    if not out.exists() and old.exists():
-        if (staging / "manifest.json").is_file():
+    ours_staging = _ours_staging(staging)
+    # a former OUT: its cache and a user's files were carried out of it before it was renamed
+    ours_old = old.is_dir() and not old.is_symlink() and (is_curate_output(old) or is_curate_output(old, True))
+    if not out.exists() and not out.is_symlink() and ours_old:
+        if ours_staging and (staging / "manifest.json").is_file():
             staging.rename(out)
+            ours_staging = False
         else:
             old.rename(out)
-    if carry and staging.exists() and out.is_dir():
-        _carry_over(staging, out)
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+            ours_old = False
+    if ours_staging:
+        if carry and out.is_dir():
+            _carry_over(staging, out)
+        shutil.rmtree(staging)
+    if ours_old:
+        shutil.rmtree(old)
     if out.is_dir():
         for name in LEGACY_ENTRIES:
             shutil.rmtree(out / name, ignore_errors=True)

@@ -43,9 +43,25 @@ def _signal_columns(paths: list[str]) -> pa.Table | None:
     return pa.table({name: t.column(name) for t in tables for name in t.column_names})
 
 
+def _scored_probe(probe: pa.Table, metric: str) -> tuple[pa.Table, pa.Array]:
+    """The probe shard with the rows it scored but whose loss, total norm or stored routing score is not
+    finite (the model overflowed on that example, e.g. in bf16) nulled like unscored rows, and the mask of
+    those rows: route quarantines them (stage "probe") instead of routing a NaN."""
+    scored = pc.is_valid(probe.column("grad_norms"))
+    finite = pc.and_(pc.is_finite(probe.column("probe_loss")), pc.is_finite(probe.column("grad_norm_total")))
+    if metric in probe.column_names:
+        finite = pc.and_(finite, pc.is_finite(probe.column(metric)))
+    bad = pc.and_(scored, pc.invert(pc.fill_null(finite, False)))
+    if not pc.any(bad).as_py():
+        return probe, bad
+    nulled = {name: pc.if_else(bad, pa.scalar(None, probe.schema.field(name).type), probe.column(name))
+              for name in probe.column_names}
+    return pa.table(nulled, schema=probe.schema), bad
+
+
 def _shard_scores(paths: tuple, cfg: route.RouteConfig) -> np.ndarray:
     ing, _, prb, _ = paths
-    probe = read_arrow(prb)  # memory-mapped: columns not used are not read
+    probe, _ = _scored_probe(read_arrow(prb), cfg.metric)  # memory-mapped: columns not used are not read
     if cfg.metric in probe.column_names:  # stored by the probe stage (older caches: computed here)
         # a copy: a view would keep the shard's memory map, and the pages it touched, for the whole run
         return probe.column(cfg.metric).drop_null().to_numpy().copy()
@@ -71,7 +87,8 @@ def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg:
     its routed rows, how the template rendered tool data (chat.Encoded.tool_rendering) and what of the
     assistant turns it wrote nowhere (chat.Encoded.unrendered), as one Counter of ("rendering"|"unrendered", what)."""
     ing, tok, prb, sig = paths
-    records, tokens, probe = read_arrow(ing), read_arrow(tok), read_arrow(prb)
+    records, tokens = read_arrow(ing), read_arrow(tok)
+    probe, overflow = _scored_probe(read_arrow(prb), cfg.metric)
     truncated = pc.sum(tokens.column("truncated")).as_py() or 0
     template = Counter()
     if "tool_rendering" in tokens.column_names:  # caches from before tool support have no such column
@@ -87,7 +104,10 @@ def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg:
         if subset.num_rows:
             name = f"{part}/part-{i:05d}.arrow"
             written[part] = (name, subset.num_rows, write_arrow(staging / name, subset))
-    return _token_quarantine(records, tokens), truncated, written, template
+    bad = _token_quarantine(records, tokens) + _quarantine_rows(
+        records.filter(overflow), "probe", "the probe's loss or gradient norms are not finite on this example "
+        "(the model overflows on it; try --dtype fp32)")
+    return bad, truncated, written, template
 
 
 def _counts(counter: Counter, kind: str) -> dict[str, int]:
@@ -97,12 +117,17 @@ def _counts(counter: Counter, kind: str) -> dict[str, int]:
 
 def _token_quarantine(records: pa.Table, tokens: pa.Table) -> list[dict]:
     bad = pc.invert(pc.is_null(tokens.column("token_error")))
+    return _quarantine_rows(records.filter(bad), "tokenize", tokens.column("token_error").filter(bad).to_pylist())
+
+
+def _quarantine_rows(records: pa.Table, stage: str, reasons: list[str] | str) -> list[dict]:
+    """Quarantine rows of `records` at `stage`, one reason each (or one for all)."""
     rows = []
-    for rec, reason in zip(records.filter(bad).to_pylist(), tokens.column("token_error").filter(bad).to_pylist()):
+    for i, rec in enumerate(records.to_pylist()):
         raw = json.dumps({"messages": compact_all(rec["messages"]), "tools": rec.get("tools")},
                          ensure_ascii=False)[:65536]
-        rows.append({"source": rec["source"], "source_index": rec["source_index"], "stage": "tokenize",
-                     "reason": reason, "raw": raw})
+        rows.append({"source": rec["source"], "source_index": rec["source_index"], "stage": stage,
+                     "reason": reasons if isinstance(reasons, str) else reasons[i], "raw": raw})
     return rows
 
 
@@ -133,11 +158,12 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         quarantine.copy_lines(state["ingest"]["quarantine"])
         results = pool.map(_route_shard, range(len(shards)), shards, scores, [threshold] * len(shards),
                            [cfg] * len(shards), [prefix_rows] * len(shards), [staging] * len(shards))
-        template = Counter()
+        template, probe_rejects = Counter(), 0
         for bad, n_truncated, written, shard_template in results:
             template.update(shard_template)
             for row in bad:
                 quarantine.write(row)
+                probe_rejects += row["stage"] == "probe"
             truncated += n_truncated
             for part, (name, n, sha) in written.items():
                 files[part].append(name)
@@ -150,7 +176,8 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         "curate_version": curate.__version__,
         "counts": {"input": ing_counts["input"], "duplicates": ing_counts["duplicates"],
                    "quarantined": quarantine.count, "quarantined_ingest": ing_counts["quarantined"],
-                   "quarantined_tokenize": quarantine.count - ing_counts["quarantined"],
+                   "quarantined_tokenize": quarantine.count - ing_counts["quarantined"] - probe_rejects,
+                   "quarantined_probe": probe_rejects,
                    "truncated": truncated, **counts},
         "routing": {**asdict(cfg), "threshold": threshold, "rule": "score <= threshold -> sft" +
                     (" (reversed: -> rl)" if cfg.reverse else "")},

@@ -5,6 +5,7 @@ Score <= threshold -> sft (diffuse update), above -> rl (concentrated update); -
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,8 @@ class RouteConfig:
             raise ValueError(f"unknown metric {self.metric!r}; choose from {', '.join(schema.METRICS)}")
         if not 0.0 <= self.quantile <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {self.quantile}")
-        if self.threshold is not None and self.threshold != self.threshold:
-            raise ValueError("--threshold must be a number, got nan")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"--threshold must be a finite number, got {self.threshold}")
 
 
 def scores(ids: list[str], grad_norms: pa.ChunkedArray | pa.Array, seed: int,

@@ -89,6 +89,9 @@ def _export(target: ModuleType, to: str, routed: Path, out: Path) -> dict:
     staging = output.new_staging(out)
     try:
         files, skipped, scans, logs = _write_partitions(target, parts, staging)
+        for part in common.PARTITIONS:  # an empty routed partition (a folder with no shard) has no file
+            if (routed / part).is_dir() and part not in parts:
+                skipped[part] = "the routed partition has no rows: no file written"
         extra = target.finish(staging, {p: f["file"] for p, f in files.items()}, scans, logs) \
             if hasattr(target, "finish") else []
         manifest = {
