@@ -87,16 +87,57 @@ def _capture(modules: list[tuple[str, nn.Linear]], out: torch.Tensor):
             h.remove()
 
 
+# Config keys by which a model post-processes its head's output (Gemma-2/3's final softcap, Granite's
+# logits_scaling, Cohere's logit_scale, Falcon-H1's lm_head_multiplier): such a model always takes the
+# path through its own forward, even where the numeric check below cannot see the difference.
+_HEAD_POSTPROCESSING = ("final_logit_softcapping", "logits_scaling", "logit_scale", "lm_head_multiplier")
+
+
+def plain_head(model: nn.Module) -> bool:
+    """Whether the model's logits are exactly its output embedding applied to its decoder's last hidden
+    state (Llama, Qwen, Mistral, ...). Checked once per model: no post-processing key in its config, and
+    its own forward on a few tokens gives the same logits. Models that post-process (see
+    _HEAD_POSTPROCESSING) or whose head is anything else take `target_logps`' own-forward path."""
+    cached = getattr(model, "_curate_plain_head", None)
+    if cached is not None:
+        return cached
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    plain = not any(getattr(c, key, None) not in (None, 1, 1.0) for c in (config, text) for key in _HEAD_POSTPROCESSING)
+    if plain:
+        device = model.get_input_embeddings().weight.device
+        ids = torch.arange(1, 9, device=device).unsqueeze(0) % model.get_input_embeddings().num_embeddings
+        with torch.no_grad():
+            own = model(input_ids=ids, use_cache=False).logits[0].float()
+            hidden = _decoder(model)(inputs_embeds=model.get_input_embeddings()(ids)).last_hidden_state
+            ours = model.get_output_embeddings()(hidden)[0].float()
+        plain = own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-5, atol=1e-6)
+    model._curate_plain_head = plain
+    return plain
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
 def target_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                  inputs_embeds: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
     """(row, log p) of every target token: positions where loss_mask is 1 (a token counts as a target).
-    The LM head runs only on target positions: it is the largest matmul and most positions are context."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+    For a plain head (see plain_head) the LM head runs only on target positions: it is the largest matmul
+    and most positions are context. Any other model is run through its own forward with `logits_to_keep`
+    set to the target columns, so that every logit post-processing it defines is applied: exact, at the
+    cost of logits (B × distinct target columns × vocabulary) instead of (targets × vocabulary)."""
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
-    hidden = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
     rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)
-    logits = model.get_output_embeddings()(hidden[rows, cols])  # predicts token cols+1
+    if plain_head(model):
+        hidden = _decoder(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[rows, cols])  # predicts token cols+1
+    else:
+        keep, where = torch.unique(cols, return_inverse=True)
+        out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+        logits = out.logits[rows, where]
     return rows, -F.cross_entropy(logits.to(dtype), input_ids[rows, cols + 1], reduction="none")
 
 
@@ -115,6 +156,7 @@ def probe_batch(model: nn.Module, modules: list[tuple[str, nn.Linear]], input_id
     """Loss and per-module squared gradient norms for a right-padded batch (padding after each example's
     tokens: exactness relies on it); model parameters frozen."""
     sq = torch.zeros(input_ids.shape[0], len(modules), device=input_ids.device, dtype=torch.float32)
+    plain_head(model)  # its one-time check runs a forward: not under the hooks below
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
     with _capture(modules, sq), torch.autocast(
             input_ids.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):

@@ -1,0 +1,57 @@
+"""The probe's loss goes through the model's own logit path: families that post-process their head's
+output (Gemma-2's final softcap, Granite's logits_scaling, Cohere's logit_scale) give the loss and norms
+of plain autograd over the model's own forward, with head weights in a trained range (logits of tens,
+where a softcap or a scale changes the loss by several nats)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from curate.gradients import plain_head
+from tests.test_gradients import make_examples, naive_norms, probe
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}, True),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               {"head_dim": 16, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}, False),
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
+                {"logits_scaling": 8.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                 "attention_multiplier": 0.015625}, False),
+    "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, {"logit_scale": 0.0625}, False),
+}
+
+
+def build(family: str):
+    config_cls, model_cls, extra, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**COMMON, **extra))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)  # trained-range logits
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_loss_and_norms_follow_the_models_own_head(family):
+    model = build(family)
+    assert plain_head(model) is FAMILIES[family][3]
+    examples = make_examples(4)
+    loss, norms = probe(model, examples)
+    for i, (ids, mask) in enumerate(examples):
+        ref_loss, ref = naive_norms(model, ids, mask)
+        assert loss[i].item() == pytest.approx(ref_loss, rel=1e-5)
+        torch.testing.assert_close(norms[i], ref, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite", "cohere"])
+def test_the_head_alone_would_be_wrong_for_these_families(family):
+    """What the probe computed before it took the model's own head: the check above is not vacuous."""
+    model = build(family)
+    model._curate_plain_head = True  # force the head-only path
+    examples = make_examples(4)
+    loss, _ = probe(model, examples)
+    ref_loss, _ = naive_norms(model, *examples[0])
+    assert abs(loss[0].item() - ref_loss) > 0.05 * abs(ref_loss)
