@@ -38,8 +38,11 @@ def probed_modules(model: nn.Module, names: tuple[str, ...] = DEFAULT_MODULES) -
             layer = _LAYER.search(full)
             found.append(((int(layer.group(1)) if layer else -1, names.index(leaf)), full, mod))
     if not found:
-        raise ValueError(f"no linear modules named {names} in {type(model).__name__}; "
-                         "set probe module names for this architecture")
+        leaves = sorted({full.rsplit(".", 1)[-1] for full, mod in model.named_modules()
+                         if isinstance(mod, nn.Linear) and _LAYER.search(full)})
+        raise ValueError(f"no linear modules named {' '.join(names)} in {type(model).__name__}; its layers' "
+                         f"linear modules are: {' '.join(leaves) or 'none'}. Choose among them with "
+                         "--modules NAME ... (e.g. --modules qkv_proj o_proj gate_up_proj down_proj)")
     return [(full, mod) for _, full, mod in sorted(found, key=lambda x: x[0])]
 
 
