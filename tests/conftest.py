@@ -9,7 +9,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # Real public datasets (each folder has its SOURCE.md: origin, licence, fields), shipped with the tests
-SHARED_DATA = REPO / "tests" / "data" / "real"
+REAL_DATA = REPO / "tests" / "data" / "real"
 
 
 def tiny_llama(vocab_size: int = 256, seed: int = 0):
@@ -28,8 +28,8 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    return SHARED_DATA
+def real_data() -> Path:
+    return REAL_DATA
 
 
 @pytest.fixture(scope="session")

@@ -35,9 +35,9 @@ def never(record: dict, reply: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory, shared_data):
+def raw(tmp_path_factory, real_data):
     folder = tmp_path_factory.mktemp("raw")
-    gsm = (shared_data / "gsm8k" / "test.lines1-300.jsonl").read_text().splitlines()[:4]
+    gsm = (real_data / "gsm8k" / "test.lines1-300.jsonl").read_text().splitlines()[:4]
     no_truth = json.dumps({"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]})
     (folder / "gsm8k.jsonl").write_text("\n".join(gsm + [gsm[1], no_truth, '{"question": "broken']) + "\n")
     return folder
@@ -164,11 +164,11 @@ def test_rollout_stage_turns_and_shard_independence(tiny_model_dir):
     assert alone.column("trajectories").to_pylist()[0] == wrong[2]["trajectories"]
 
 
-def test_recorded_alfworld_trajectories(shared_data, tmp_path):
+def test_recorded_alfworld_trajectories(real_data, tmp_path):
     raw = tmp_path / "alf"
     raw.mkdir()
     for d in ("D0", "D1"):
-        src = shared_data / "alfworld_knowagent_trajs" / f"KnowAgentALFWorld_llama-2-13b_{d}.even_tasks.jsonl"
+        src = real_data / "alfworld_knowagent_trajs" / f"KnowAgentALFWorld_llama-2-13b_{d}.even_tasks.jsonl"
         (raw / f"{d}.jsonl").write_text("\n".join(src.read_text().splitlines()[:12]) + "\n")
     out = tmp_path / "out"
     assert main(["drift", "--input", str(raw), "--out", str(out), "--verifier", "recorded", "--max-weight", "1.5"]) == 0

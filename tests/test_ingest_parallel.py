@@ -30,14 +30,14 @@ FOLDERS = ("webshop_human_sessions", "alfworld_adapt_traces", "gsm8k", "hh_rlhf_
 
 
 @pytest.fixture
-def inputs(shared_data, tmp_path) -> list[str]:
+def inputs(real_data, tmp_path) -> list[str]:
     """Real folders, the bad corpus, and one file where sessions meet each other, blank lines and
     other records (and one session comes back after another: a new record)."""
-    a, b = sorted((shared_data / "webshop_human_sessions").glob("*.jsonl"))[:2]
-    qa = (shared_data / "gsm8k" / "test.lines1-300.jsonl").read_bytes().splitlines(keepends=True)[:2]
+    a, b = sorted((real_data / "webshop_human_sessions").glob("*.jsonl"))[:2]
+    qa = (real_data / "gsm8k" / "test.lines1-300.jsonl").read_bytes().splitlines(keepends=True)[:2]
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_bytes(a.read_bytes() + b"\n" + b.read_bytes() + qa[0] + a.read_bytes() + qa[1])
-    return [str(mixed)] + [str(shared_data / f) for f in FOLDERS] + [str(BAD_RECORDS)]
+    return [str(mixed)] + [str(real_data / f) for f in FOLDERS] + [str(BAD_RECORDS)]
 
 
 def reference(inputs: list[str], limit: int | None = None) -> tuple[list[tuple], list[tuple]]:
@@ -102,8 +102,8 @@ def test_limit_stops_at_the_same_record_with_or_without_helpers(inputs, tmp_path
 
 
 @pytest.mark.parametrize("when", ["before its chunks are sent", "holding chunks"])
-def test_a_helper_that_dies_has_its_chunks_redone(shared_data, when):
-    path = shared_data / "gsm8k" / "train.lines1-2000.jsonl"
+def test_a_helper_that_dies_has_its_chunks_redone(real_data, when):
+    path = real_data / "gsm8k" / "train.lines1-2000.jsonl"
     chunks = list(readers.read_json_line_chunks(path, 20_000, ingest_chunks.continues("auto")))
     expected = [ingest_chunks.normalize_lines(str(path), s, data, "auto") for s, data in chunks]
     with HelperPool(2, "auto") as pool:
@@ -121,8 +121,8 @@ def test_a_helper_that_dies_has_its_chunks_redone(shared_data, when):
         assert a.records.equals(b.records) and a.bad == b.bad
 
 
-def test_chunks_never_end_inside_a_session(shared_data):
-    path = sorted((shared_data / "webshop_human_sessions").glob("*.jsonl"))[0]
+def test_chunks_never_end_inside_a_session(real_data):
+    path = sorted((real_data / "webshop_human_sessions").glob("*.jsonl"))[0]
     continues = ingest_chunks.continues("auto")
     chunks = list(readers.read_json_line_chunks(path, 1, continues))
     lines = path.read_bytes().splitlines(keepends=True)
@@ -159,13 +159,13 @@ def test_helpers_exit_when_their_parent_is_killed():
     assert not any(_running(p) for p in pids)
 
 
-def test_helpers_run_this_curate_whatever_the_working_directory(shared_data, tmp_path, monkeypatch):
+def test_helpers_run_this_curate_whatever_the_working_directory(real_data, tmp_path, monkeypatch):
     """A `curate/` folder in the working directory (another checkout) must not answer for the helpers."""
     (tmp_path / "curate" / "stages").mkdir(parents=True)
     for init in ("curate/__init__.py", "curate/stages/__init__.py"):
         (tmp_path / init).write_text("raise ImportError('the wrong curate')\n")
     monkeypatch.chdir(tmp_path)
-    path = shared_data / "gsm8k" / "test.lines1-300.jsonl"
+    path = real_data / "gsm8k" / "test.lines1-300.jsonl"
     chunks = list(readers.read_json_line_chunks(path, 8_000, ingest_chunks.continues("auto")))
     with HelperPool(2, "auto") as pool:
         got = list(pool.map(str(path), chunks))

@@ -98,11 +98,11 @@ def test_reward_model_scores_are_batch_independent_and_exact(rm_dir):
     assert len(set(np.round(batched, 6))) == len(convs)
 
 
-def records(tmp_path, shared_data):
+def records(tmp_path, real_data):
     raw = tmp_path / "raw"
     raw.mkdir()
-    seed = (shared_data / "self_instruct_seed_tasks" / "seed_tasks.lines1-100.jsonl").read_text().splitlines()[:4]
-    hh = (shared_data / "hh_rlhf_harmless" / "harmless-base.test.shared_prompt_groups.jsonl").read_text().splitlines()[:4]
+    seed = (real_data / "self_instruct_seed_tasks" / "seed_tasks.lines1-100.jsonl").read_text().splitlines()[:4]
+    hh = (real_data / "hh_rlhf_harmless" / "harmless-base.test.shared_prompt_groups.jsonl").read_text().splitlines()[:4]
     (raw / "seed.jsonl").write_text("\n".join(seed) + "\n")
     (raw / "hh.jsonl").write_text("\n".join(hh) + "\n")
     return raw
@@ -117,8 +117,8 @@ def load(out) -> pa.Table:
     return pa.concat_tables([read_arrow(out / f) for f in json.loads((out / "manifest.json").read_text())["files"]["pairs"]])
 
 
-def test_irft_stages_pairs_and_implicit_rewards(tmp_path, shared_data, tiny_model_dir, ref_model_dir, rm_dir):
-    raw = records(tmp_path, shared_data)
+def test_irft_stages_pairs_and_implicit_rewards(tmp_path, real_data, tiny_model_dir, ref_model_dir, rm_dir):
+    raw = records(tmp_path, real_data)
     out = tmp_path / "irft"
     assert irft(raw, out, tiny_model_dir, "--ref-model", ref_model_dir, "--reward-model", rm_dir,
                 "--stages", "2", "--stage", "1", "--beta", "0.5") == 0
@@ -181,7 +181,7 @@ def test_bad_stage_options_are_input_errors(tmp_path, tiny_model_dir, capsys):
     assert "stage" in capsys.readouterr().err
 
 
-def test_reference_logps_equal_what_dpo_trainer_computes(tmp_path, shared_data, tiny_model_dir):
+def test_reference_logps_equal_what_dpo_trainer_computes(tmp_path, real_data, tiny_model_dir):
     """TRL's DPOTrainer, asked to precompute reference log-probs with the same model, gets our numbers:
     the pairs can go to it precomputed (no reference model in memory during training)."""
     import datasets
@@ -189,7 +189,7 @@ def test_reference_logps_equal_what_dpo_trainer_computes(tmp_path, shared_data, 
     from trl import DPOConfig, DPOTrainer
 
     out = tmp_path / "irft"
-    assert irft(records(tmp_path, shared_data), out, tiny_model_dir) == 0
+    assert irft(records(tmp_path, real_data), out, tiny_model_dir) == 0
     ours = load(out)
     plain = datasets.Dataset.from_list(ours.select(["prompt", "chosen", "rejected"]).to_pylist())
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_length=4096, precompute_ref_log_probs=True,

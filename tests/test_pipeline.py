@@ -18,11 +18,11 @@ from tests.test_gradients import naive_norms
 
 
 @pytest.fixture
-def raw_dir(tmp_path, shared_data):
+def raw_dir(tmp_path, real_data):
     raw = tmp_path / "raw"
     raw.mkdir()
-    gsm = (shared_data / "gsm8k" / "train.lines1-2000.jsonl").read_text().splitlines()[:6]
-    alf = (shared_data / "alfworld_knowagent_trajs" / "KnowAgentALFWorld_llama-2-13b_D0.even_tasks.jsonl"
+    gsm = (real_data / "gsm8k" / "train.lines1-2000.jsonl").read_text().splitlines()[:6]
+    alf = (real_data / "alfworld_knowagent_trajs" / "KnowAgentALFWorld_llama-2-13b_D0.even_tasks.jsonl"
            ).read_text().splitlines()[:3]
     bad = ['{"question": "truncated', json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
            gsm[0]]  # the last one is an exact duplicate of a GSM8K record

@@ -23,9 +23,9 @@ def _perturb_last_number(text: str) -> str | None:
     return text[: m.start()] + str(int(m.group()) + 1) + text[m.end():]
 
 
-def test_gsm8k_gold_solutions_verify_and_perturbed_ones_do_not(shared_data):
-    rows = _jsonl(shared_data / "gsm8k" / "test.lines1-300.jsonl")
-    rows += _jsonl(shared_data / "gsm8k" / "train.lines1-2000.jsonl")[:500]
+def test_gsm8k_gold_solutions_verify_and_perturbed_ones_do_not(real_data):
+    rows = _jsonl(real_data / "gsm8k" / "test.lines1-300.jsonl")
+    rows += _jsonl(real_data / "gsm8k" / "train.lines1-2000.jsonl")[:500]
     for r in rows:
         record = {"ground_truth": hash_answer(r["answer"])}
         assert verify_math(record, r["answer"]).correct, r["answer"]
@@ -34,8 +34,8 @@ def test_gsm8k_gold_solutions_verify_and_perturbed_ones_do_not(shared_data):
         assert v.parseable and not v.correct, wrong[-40:]
 
 
-def test_math500_gold_solutions_verify_and_perturbed_ones_do_not(shared_data):
-    rows = _jsonl(shared_data / "math500" / "math500.lines1-250.jsonl")
+def test_math500_gold_solutions_verify_and_perturbed_ones_do_not(real_data):
+    rows = _jsonl(real_data / "math500" / "math500.lines1-250.jsonl")
     perturbed = 0
     for r in rows:
         record = {"ground_truth": r["answer"]}

@@ -124,11 +124,8 @@ def is_curate_output(folder: Path, export: bool = False) -> bool:
     entries = {p.name for p in folder.iterdir() if not OWN_TEMP.match(p.name)}
     if not entries - {".work", *LEGACY_ENTRIES}:
         return True
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict):
+    manifest = _manifest(folder / "manifest.json")
+    if manifest is None:
         return False
     return "export" in manifest if export else "curate_version" in manifest and "export" not in manifest
 
@@ -200,15 +197,17 @@ def new_staging(out: Path) -> Path:
 def _ours_staging(staging: Path) -> bool:
     """A staging folder curate made: marked, or complete (the marker is removed just before the switch)."""
     return staging.is_dir() and not staging.is_symlink() and (
-        (staging / STAGING_MARKER).is_file() or _is_manifest(staging / "manifest.json"))
+        (staging / STAGING_MARKER).is_file() or _manifest(staging / "manifest.json") is not None)
 
 
-def _is_manifest(path: Path) -> bool:
+def _manifest(path: Path) -> dict | None:
+    """A curate manifest (a job's or an export's) read from `path`; None for anything else."""
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and ("curate_version" in manifest or "export" in manifest)
+        return None
+    ours = isinstance(manifest, dict) and ("curate_version" in manifest or "export" in manifest)
+    return manifest if ours else None
 
 
 def _carry_over(src: Path, dst: Path) -> None:

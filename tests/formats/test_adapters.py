@@ -43,7 +43,7 @@ def good(path: Path) -> list[tuple[int, dict, Normalized]]:
     return [(i, raw, n) for i, raw, n in normalized(path) if isinstance(n, Normalized)]
 
 
-def test_every_shared_dataset_folder_is_covered(data_dir):
+def test_every_real_dataset_folder_is_covered(data_dir):
     assert {p.name for p in data_dir.iterdir() if p.is_dir()} == set(EXPECTED)
 
 

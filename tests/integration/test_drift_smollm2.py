@@ -16,9 +16,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, shared_data):
+def run(tmp_path_factory, real_data):
     raw = tmp_path_factory.mktemp("raw") / "gsm8k.jsonl"
-    raw.write_text("\n".join((shared_data / "gsm8k" / "test.lines1-300.jsonl").read_text().splitlines()[:3]) + "\n")
+    raw.write_text("\n".join((real_data / "gsm8k" / "test.lines1-300.jsonl").read_text().splitlines()[:3]) + "\n")
     out = tmp_path_factory.mktemp("out") / "drift"
     assert main(["drift", "--input", str(raw), "--out", str(out), "--samples", "2", "--turns", "2",
                  "--max-new-tokens", "16", "--device", "cpu"]) == 0

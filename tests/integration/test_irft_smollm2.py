@@ -14,9 +14,9 @@ from tests.test_irft import direct_logp, irft, load, records
 pytestmark = pytest.mark.integration
 
 
-def test_irft_on_real_data_then_dpo_step(tmp_path, shared_data, tiny_model_dir):
+def test_irft_on_real_data_then_dpo_step(tmp_path, real_data, tiny_model_dir):
     out = tmp_path / "irft"
-    assert irft(records(tmp_path, shared_data), out, "embedded", "--max-new-tokens", "24", "--stages", "1") == 0
+    assert irft(records(tmp_path, real_data), out, "embedded", "--max-new-tokens", "24", "--stages", "1") == 0
     m = json.loads((out / "manifest.json").read_text())
     c = m["counts"]
     assert c["input"] == 8 and c["pairs"] + c["identical"] == 8 and c["quarantined"] == 0
