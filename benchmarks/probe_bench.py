@@ -55,7 +55,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks._bench_utils import (Batch, PeakMemory, autocast, machine_info, make_examples, max_rel_err,
                                      pack, summarize, timed)
-from curate.gradients import probe_batch, probed_modules, token_nll
+from curate.gradients import probe_batch, token_nll
+from curate.roles import role_map
 
 METHODS = ("train_step", "probe", "naive", "opacus")
 
@@ -104,7 +105,7 @@ def train_step(model, batches: list[Batch], amp) -> None:
 
 
 def probe(model, modules, batches: list[Batch], n: int, amp_dtype) -> torch.Tensor:
-    sq = torch.zeros(n, len(modules), dtype=torch.float64)
+    sq = torch.zeros(n, len(modules.entries), dtype=torch.float64)
     for b in batches:
         res = probe_batch(model, modules, b.input_ids, b.attention, b.loss_mask, amp_dtype)
         sq[b.rows] = res.sq_norms.double().cpu()
@@ -117,9 +118,20 @@ def _trainable(weights: list[torch.Tensor], on: bool) -> None:
         w.requires_grad_(on)
 
 
+def entry_weights(modules) -> list[torch.Tensor]:
+    """One whole weight per grad_norms entry (the references below measure whole matrices: no fused blocks)."""
+    weights = [None] * len(modules.entries)
+    for site in modules.sites:
+        if len(site.blocks) != 1 or site.blocks[0][1] is not None or site.param.ndim != 2:
+            raise ValueError(f"{site.param.shape} weight split into blocks: naive/opacus measure whole matrices; "
+                             "benchmark a model with one matrix per role (Llama family)")
+        weights[site.blocks[0][0]] = site.param
+    return weights
+
+
 def naive(model, modules, examples, rows: list[int], n: int, device: str) -> torch.Tensor:
-    weights = [m.weight for _, m in modules]
-    norms = torch.zeros(n, len(modules), dtype=torch.float64)
+    weights = entry_weights(modules)
+    norms = torch.zeros(n, len(weights), dtype=torch.float64)
     _trainable(weights, True)
     try:
         for r in rows:
@@ -137,8 +149,8 @@ def naive(model, modules, examples, rows: list[int], n: int, device: str) -> tor
 def opacus(model, modules, batches: list[Batch], n: int, amp) -> torch.Tensor:
     from opacus import GradSampleModule
 
-    weights = [m.weight for _, m in modules]
-    norms = torch.zeros(n, len(modules), dtype=torch.float64)
+    weights = entry_weights(modules)
+    norms = torch.zeros(n, len(weights), dtype=torch.float64)
     _trainable(weights, True)
     model.train()  # Opacus only captures activations of modules in training mode (Llama: no dropout)
     gsm = None
@@ -169,7 +181,7 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
     device = next(model.parameters()).device.type
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype]
     amp = lambda: autocast(device, amp_dtype)  # noqa: E731
-    modules = probed_modules(model)
+    modules = role_map(model)
     n = args.examples
     examples = make_examples(n, args.seq_len, model.config.vocab_size, args.mixed, args.seed)
     k = min(args.ref_examples or n, n)
@@ -229,7 +241,7 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
     return {
         "benchmark": "probe_bench",
         "config": {**vars(args), "device": device, "model_class": type(model).__name__,
-                   "params": sum(p.numel() for p in model.parameters()), "probed_modules": len(modules),
+                   "params": sum(p.numel() for p in model.parameters()), "probed_modules": len(modules.entries),
                    "real_tokens": sum(lengths), "padded_tokens": sum(b.input_ids.numel() for b in full.batches),
                    "batches": [list(b.input_ids.shape) for b in full.batches],
                    "warmup": f"one round on {len(warm.rows)} examples" if device == "cpu" else "one full round",

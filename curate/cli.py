@@ -14,11 +14,14 @@ class InputError(Exception):
 
 
 def _summary(manifest: dict, out: str) -> str:
+    from curate import roles
+
     c, r = manifest["counts"], manifest["routing"]
     return (f"routed {c['sft'] + c['rl']} of {c['input']} records by {r['metric']} "
             f"(threshold {r['threshold']:.6g}): sft {c['sft']}, rl {c['rl']}; "
             f"quarantined {c['quarantined']}, duplicates {c['duplicates']}, truncated {c['truncated']}\n"
-            f"  {out}/sft/  {out}/rl/  {out}/quarantine/  {out}/manifest.json")
+            f"  {out}/sft/  {out}/rl/  {out}/quarantine/  {out}/manifest.json"
+            + (f"\n  probed {roles.summary(manifest['probe_map'])}" if manifest.get("probe_map") else ""))
 
 
 def cmd_job(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ import yaml
 
 from curate import models
 from curate.generation import ENGINES, GenerationConfig
-from curate.gradients import DEFAULT_MODULES
 from curate.returns import ReturnConfig
 from curate.schema import METRICS
 from curate.stages.continuation import ContinuationConfig
@@ -145,8 +144,11 @@ class PrismConfig(RunOptions):
     device: str = opt("auto", "where the probe runs", choices=("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "probe matmul precision (auto: fp32, exact; bf16/fp16: autocast, faster on GPUs, ~1e-2 error)", choices=("auto", "fp32", "bf16", "fp16"))
     batch_tokens: int = opt(4096, "padded tokens per probe batch (memory: ~1.7 MB a token for SmolLM2 in fp32)")
-    modules: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES),
-                               metadata={"help": "linear module names probed in every layer, in this order", "nargs": "+"})
+    modules: list[str] = field(default_factory=list, metadata={
+        "help": "what the probe measures in every layer: PRISM roles (q k v o gate up down; router expert_gate "
+                "expert_up expert_down shared_* for MoE) and/or module names (e.g. qkv_proj); default: every "
+                "role of the architecture map, which must cover every weight matrix of the layers", "nargs": "+"})
+    allow_partial: bool = opt(False, "probe the roles the architecture map places even where some weight matrices of the layers are left out (listed in the manifest)")
     metric: str = opt("gini", "concentration metric used as the routing score", choices=METRICS)
     quantile: float = opt(0.5, "split at this quantile of the corpus score")
     threshold: float | None = opt(None, "split at this fixed score instead of a quantile")
@@ -172,7 +174,7 @@ class PrismConfig(RunOptions):
 
     def probe(self) -> ProbeConfig:
         return ProbeConfig(self.model, self.device, self.dtype, self.batch_tokens, tuple(self.modules),
-                           self.trust_remote_code)
+                           self.trust_remote_code, self.allow_partial)
 
     def route(self) -> RouteConfig:
         return RouteConfig(self.metric, self.quantile, self.threshold, self.reverse, self.seed)

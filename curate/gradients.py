@@ -11,83 +11,202 @@ Examples in a batch do not interact (causal attention, right padding, no batch s
 of Σ_i ℓ_i gives each example its own G_i. With right padding a padded position feeds only later padded
 positions and no loss, so its G is exactly zero and it adds exactly nothing to either form. That lets A
 be a view of the layer input rather than a masked copy: q, k and v (and gate and up) share one input
-tensor, so the probe holds each activation once, as a training step does."""
+tensor, so the probe holds each activation once, as a training step does.
+
+What is measured comes from curate.roles: a weight, or a block of a fused one (its rows for a set of
+outputs: the same forms on those columns of G). Inputs flattened to (B·T, d), as MoE blocks do, are
+read back as (B, T, d); an expert sees only the tokens routed to it, which its owner gathered from the
+flattened input, so its rows are regrouped by example (zero rows pad them, adding nothing)."""
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-# The projection matrices PRISM measures, in their order within a decoder layer (Llama/Qwen/Mistral names).
-DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def probed_modules(model: nn.Module, names: tuple[str, ...] = DEFAULT_MODULES) -> list[tuple[str, nn.Linear]]:
-    """Linear layers whose last name component is in `names`, ordered by (layer index, position in
-    `names`): for SmolLM2, q,k,v,o,gate,up,down of layer 0, then of layer 1, ..."""
-    found = []
-    for full, mod in model.named_modules():
-        leaf = full.rsplit(".", 1)[-1]
-        if leaf in names and isinstance(mod, nn.Linear):
-            layer = _LAYER.search(full)
-            found.append(((int(layer.group(1)) if layer else -1, names.index(leaf)), full, mod))
-    if not found:
-        leaves = sorted({full.rsplit(".", 1)[-1] for full, mod in model.named_modules()
-                         if isinstance(mod, nn.Linear) and _LAYER.search(full)})
-        raise ValueError(f"no linear modules named {' '.join(names)} in {type(model).__name__}; its layers' "
-                         f"linear modules are: {' '.join(leaves) or 'none'}. Choose among them with "
-                         "--modules NAME ... (e.g. --modules qkv_proj o_proj gate_up_proj down_proj)")
-    return [(full, mod) for _, full, mod in sorted(found, key=lambda x: x[0])]
+from curate.roles import RoleMap, Rows, Site, decoder
 
 
 def per_example_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """‖G_iᵀA_i‖²_F for each i, a: (B,T,d_in), g: (B,T,d_out), in fp32, by the cheaper exact form."""
+    return per_example_block_sq_norms(a, g, [None])[:, 0]
+
+
+def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Rows]) -> torch.Tensor:
+    """(B, len(blocks)): ‖G_i[:, b]ᵀ A_i‖²_F for each example i and each block b of output features (a
+    slice or index of g's last dim; None: all), i.e. the gradient norm of the rows of W that compute
+    those outputs. fp32, by the cheaper exact form; both cost what one unsplit matrix does:
+      Gram:    (A_iA_iᵀ) formed once, Σ_ts (A_iA_iᵀ)_ts (G_ibG_ibᵀ)_ts per block    ~ T²·(d_in+d_out)
+      product: squares of G_iᵀA_i (d_out×d_in), summed over each block's rows          ~ T·d_in·d_out"""
     a, g = a.float(), g.float()
     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     if t * (d_in + d_out) < d_in * d_out:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
-    return torch.bmm(g.transpose(1, 2), a).square().sum(dim=(1, 2))
+        aa = torch.bmm(a, a.transpose(1, 2))
+        grams = (g if b is None else g[..., b] for b in blocks)
+        return torch.stack([(aa * torch.bmm(gb, gb.transpose(1, 2))).sum(dim=(1, 2)) for gb in grams], dim=1)
+    squares = torch.bmm(g.transpose(1, 2), a).square()  # (B, d_out, d_in)
+    return torch.stack([(squares if b is None else squares[:, b]).sum(dim=(1, 2)) for b in blocks], dim=1)
+
+
+def _by_example(x: torch.Tensor, example: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of x (N, d) regrouped as (n, L, d) by the example each belongs to, zero-padded: zero rows add
+    nothing to either form above."""
+    order = torch.argsort(example, stable=True)
+    counts = torch.bincount(example, minlength=n)
+    start = torch.cumsum(counts, 0) - counts
+    ex = example[order]
+    out = x.new_zeros(n, int(counts.max()) if len(example) else 0, x.shape[-1])
+    out[ex, torch.arange(len(ex), device=x.device) - start[ex]] = x[order]
+    return out
 
 
 @dataclass
 class ProbeResult:
     loss: torch.Tensor        # (B,) mean NLL over each example's loss tokens
-    sq_norms: torch.Tensor    # (B, M) squared Frobenius norms, modules in probed_modules order
+    sq_norms: torch.Tensor    # (B, M) squared Frobenius norms, entries in RoleMap order
+
+
+class _Capture:
+    """Writes Σ ‖∇W ℓ_i‖² of every entry into sq[:, entry] during one batch's backward, and checks that
+    every entry was reached and no weight was applied twice (the norm of a sum is not a sum of norms)."""
+
+    def __init__(self, rmap: RoleMap, sq: torch.Tensor, seq_len: int):
+        self.rmap, self.sq, self.seq = rmap, sq, seq_len
+        self.fired = [False] * len(rmap.entries)
+        self.applied: set = set()
+
+    def watch(self, site: Site, key, a: torch.Tensor, out: torch.Tensor, tokens: torch.Tensor | None = None):
+        """One application of `site`'s weight (key: which one, e.g. an expert): a its input, out its output,
+        tokens the flat index (example * T + position) of each row when a holds only some tokens."""
+        b, t = self.sq.shape[0], self.seq
+        name = self.rmap.entries[site.blocks[0][0]].name
+        if (id(site), key) in self.applied:
+            raise RuntimeError(f"{name}{'' if key is None else f' (expert {key})'} is applied twice in one forward; "
+                               "its per-example gradient would be a sum of two products, which the probe does not form")
+        self.applied.add((id(site), key))
+        if tokens is None and a.dim() == 2 and a.shape[0] == b * t:
+            a = a.reshape(b, t, -1)  # flattened (B*T, d): MoE blocks' routers and shared experts
+        elif tokens is None and (a.dim() != 3 or tuple(a.shape[:2]) != (b, t)):
+            raise RuntimeError(f"{name}: input of shape {tuple(a.shape)} is neither the batch's ({b}, {t}, d) nor "
+                               f"its {b * t} flattened tokens; the probe cannot tell which example each row is")
+        a = a.detach()  # a view: no copy, shared by the layers that read this input
+        version = a._version
+        cols = [c for c, _ in site.blocks]
+        blocks = [rows for _, rows in site.blocks]
+
+        def grad_hook(grad):
+            nonlocal a
+            if a._version != version:  # a view would silently see an in-place change
+                raise RuntimeError(f"{name}: its input was modified in place after forward")
+            if tokens is None:
+                norms = per_example_block_sq_norms(a, grad.reshape(b, t, -1), blocks)
+            else:
+                ex = torch.div(tokens, t, rounding_mode="floor")
+                norms = per_example_block_sq_norms(_by_example(a, ex, b), _by_example(grad, ex, b), blocks)
+            self.sq[:, cols] += norms
+            for c in cols:
+                self.fired[c] = True
+            a = None  # free this layer's activations as soon as its norms exist
+
+        out.register_hook(grad_hook)
+
+    def check(self) -> None:
+        missing = [e.name for e, fired in zip(self.rmap.entries, self.fired) if not fired]
+        if missing:
+            raise RuntimeError(f"the probe never saw the gradient of {', '.join(missing[:4])}"
+                               f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}: the model did not "
+                               "apply these weights as the architecture map expects (see curate.roles)")
+
+
+class _Functional(TorchFunctionMode):
+    """Active during the forward of a module that applies its weights by F.linear itself (a router's
+    weight, an (experts, out, in) stack indexed per expert). It sees each F.linear on a watched weight or
+    on one expert's slice of it, and which rows of the module's input were gathered for that expert."""
+
+    def __init__(self, capture: _Capture, sites: list[Site], module_input):
+        super().__init__()
+        self.capture, self.input = capture, module_input
+        self.params = {id(s.param): s for s in sites}
+        self.slices: dict[int, tuple] = {}     # id(expert slice) -> (slice, site, expert)
+        self.gathered: dict[int, tuple] = {}   # id(gathered rows) -> (rows tensor, token index)
+        self.tokens: dict[int, torch.Tensor] = {}  # expert -> token index of its first F.linear
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.__getitem__:
+            src, index = args[0], args[1]
+            if id(src) in self.params and isinstance(index, (int, torch.Tensor)):
+                self.slices[id(out)] = (out, self.params[id(src)], int(index))
+            elif src is self.input and isinstance(index, torch.Tensor) and index.dim() == 1 \
+                    and not index.dtype.is_floating_point and index.dtype != torch.bool:
+                self.gathered[id(out)] = (out, index)
+        elif func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            if id(w) in self.params:
+                site, expert = self.params[id(w)], None
+            elif id(w) in self.slices:
+                _, site, expert = self.slices[id(w)]
+            else:
+                return out
+            tokens = self.gathered[id(x)][1] if id(x) in self.gathered else self.tokens.get(expert)
+            if expert is not None and tokens is None and x.shape[0] != self.capture.sq.shape[0] * self.capture.seq:
+                raise RuntimeError(f"{self.capture.rmap.entries[site.blocks[0][0]].name}: expert {expert}'s "
+                                   "input rows cannot be traced to the batch's tokens")
+            if expert is not None and tokens is not None:
+                self.tokens.setdefault(expert, tokens)
+            self.capture.watch(site, expert, x, out, tokens)
+        return out
 
 
 @contextmanager
-def _capture(modules: list[tuple[str, nn.Linear]], out: torch.Tensor):
-    """Hooks that write ‖∇W_m ℓ_i‖² into out[:, m] during backward."""
-    handles = []
+def _capture(rmap: RoleMap, sq: torch.Tensor, seq_len: int):
+    """Hooks for every site of the role map; raises after backward if an entry's gradient never came."""
+    cap = _Capture(rmap, sq, seq_len)
+    handles, by_owner = [], {}
+    for site in rmap.sites:
+        if site.kind == "linear":
+            handles.append(site.module.register_forward_hook(
+                lambda mod, inputs, output, site=site: cap.watch(site, None, inputs[0], output)))
+        else:
+            by_owner.setdefault(id(site.module), (site.module, []))[1].append(site)
+    for owner, sites in by_owner.values():
+        active: list[_Functional] = []
 
-    def make_hook(m: int):
-        def forward_hook(_mod, inputs, output):
-            acts = inputs[0].detach()  # a view: no copy, shared by the layers that read this input
-            version = inputs[0]._version
+        def enter(_mod, args, sites=sites, active=active):
+            active.append(_Functional(cap, sites, args[0]))
+            active[-1].__enter__()
 
-            def grad_hook(grad):
-                nonlocal acts
-                if acts._version != version:  # a view would silently see an in-place change
-                    raise RuntimeError(f"{modules[m][0]}: its input was modified in place after forward")
-                out[:, m] = per_example_sq_norm(acts, grad)
-                acts = None  # free this layer's activations as soon as its norms exist
+        def leave(_mod, _args, _output, active=active):
+            active.pop().__exit__(None, None, None)
 
-            output.register_hook(grad_hook)
-        return forward_hook
-
+        handles += [owner.register_forward_pre_hook(enter), owner.register_forward_hook(leave, always_call=True)]
     try:
-        for m, (_, mod) in enumerate(modules):
-            handles.append(mod.register_forward_hook(make_hook(m)))
-        yield
+        yield cap
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def _eager_experts(model: nn.Module, rmap: RoleMap):
+    """Expert stacks are watched through F.linear per expert: transformers' eager experts forward, not its
+    grouped-matmul kernels, for the probe's duration."""
+    stacks = any(s.kind == "functional" and s.param.ndim == 3 for s in rmap.sites)
+    get = getattr(model, "get_experts_implementation", None)
+    before = get() if stacks and get is not None else {}
+    switch = any(v not in (None, "eager") for v in before.values())
+    if switch:
+        model.set_experts_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_experts_implementation(before)
 
 
 # Config keys by which a model post-processes its head's output (Gemma-2/3's final softcap, Granite's
@@ -112,15 +231,11 @@ def plain_head(model: nn.Module) -> bool:
         ids = torch.arange(1, 9, device=device).unsqueeze(0) % model.get_input_embeddings().num_embeddings
         with torch.no_grad():
             own = model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = _decoder(model)(inputs_embeds=model.get_input_embeddings()(ids)).last_hidden_state
+            hidden = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids)).last_hidden_state
             ours = model.get_output_embeddings()(hidden)[0].float()
         plain = own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-5, atol=1e-6)
     model._curate_plain_head = plain
     return plain
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
 def target_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
@@ -135,7 +250,7 @@ def target_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         inputs_embeds = model.get_input_embeddings()(input_ids)
     rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)
     if plain_head(model):
-        hidden = _decoder(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         logits = model.get_output_embeddings()(hidden[rows, cols])  # predicts token cols+1
     else:
         keep, where = torch.unique(cols, return_inverse=True)
@@ -153,16 +268,18 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     return per_example / counts.clamp(min=1)
 
 
-def probe_batch(model: nn.Module, modules: list[tuple[str, nn.Linear]], input_ids: torch.Tensor,
+def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 autocast_dtype: torch.dtype | None = None) -> ProbeResult:
-    """Loss and per-module squared gradient norms for a right-padded batch (padding after each example's
-    tokens: exactness relies on it); model parameters frozen."""
-    sq = torch.zeros(input_ids.shape[0], len(modules), device=input_ids.device, dtype=torch.float32)
+    """Loss and per-entry squared gradient norms (B, len(rmap.entries)) for a right-padded batch (padding
+    after each example's tokens: exactness relies on it); model parameters frozen. RuntimeError when a
+    probed weight's gradient never arrives or a weight is applied twice."""
+    sq = torch.zeros(input_ids.shape[0], len(rmap.entries), device=input_ids.device, dtype=torch.float32)
     plain_head(model)  # its one-time check runs a forward: not under the hooks below
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    with _capture(modules, sq), torch.autocast(
+    with _eager_experts(model, rmap), _capture(rmap, sq, input_ids.shape[1]) as cap, torch.autocast(
             input_ids.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss = token_nll(model, input_ids, attention_mask, loss_mask, inputs_embeds=embeds)
         loss.sum().backward()  # Σ_i ℓ_i: each example's gradient is its own
+    cap.check()
     return ProbeResult(loss.detach(), sq)

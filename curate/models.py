@@ -165,6 +165,19 @@ def resolve_device(device: str) -> str:
 
 
 @lru_cache(maxsize=2)
+def skeleton(ref: ModelRef):
+    """The model's modules built from its config on the meta device: names and shapes, no weights, no
+    memory. What the architecture map needs to accept or refuse a model before any work is done."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with load_errors(ref, "model config"):
+        config = AutoConfig.from_pretrained(ref.folder, gguf_file=ref.gguf_file, trust_remote_code=ref.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=ref.trust_remote_code)
+
+
+@lru_cache(maxsize=2)
 def load_model(ref: ModelRef, device: str = "cpu"):
     """The frozen probe model in fp32 (autocast lowers matmul precision where asked, not the weights)."""
     import torch

@@ -138,6 +138,7 @@ def _run_prism(cfg: PrismConfig) -> dict:
     # the shards are about to change: `curate route` must not trust this state again until it is rewritten
     (work / STATE).unlink(missing_ok=True)
     probe = Probe(cfg.probe())
+    probe.describe()  # a model the architecture map refuses stops here, before any shard is written
     cfg.route()  # validate routing options before hours of probing
     executor = make_executor(cfg.workers, cfg.scheduler)
     timings, cache = {}, {}
@@ -159,6 +160,7 @@ def _run_prism(cfg: PrismConfig) -> dict:
         executor.close()
     state = {"config": asdict(cfg), "ingest": ing, "tokenize": tok, "probe": prb, "signals": signals,
              "model": probe.identity()["model"], "modules": prb[0]["modules"] if prb else [],
+             "probe_map": prb[0].get("probe_map") if prb else None,
              "timings": timings, "cache": cache}
     write_json(work / STATE, state)
     return _route_and_report(state, cfg.route(), Path(cfg.out))

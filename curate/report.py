@@ -209,7 +209,7 @@ def _norms(s: Summary) -> str:
     means, modules = s.norm_means(), s.manifest.get("modules") or []
     if not means or not modules:
         return ""
-    uri = norm_heatmaps(modules, means)
+    uri = norm_heatmaps(modules, means, s.manifest.get("probe_map"))
     return "<h2>Gradient norms per layer</h2>" + _figure(
         "fig-norms", uri, "mean Frobenius norm of the loss gradient per projection matrix (rows: module, "
         "columns: layer), per partition on one log scale; last panel: log2 of the RL/SFT ratio")

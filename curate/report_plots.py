@@ -49,9 +49,15 @@ def score_histograms(scores: dict[str, np.ndarray], threshold: float | None, met
     return to_data_uri(fig)
 
 
-def module_grid(modules: list[str]) -> tuple[list[str], list[int], list[tuple[int, int]]]:
-    """Rows (module kinds, e.g. self_attn.q_proj), columns (layer numbers) and each module's (row, col).
-    Names without a `layers.N.` part become one row indexed by position."""
+def module_grid(modules: list[str], probe_map: dict | None = None) -> tuple[list[str], list[int], list[tuple[int, int]]]:
+    """Rows (PRISM roles from the manifest's probe_map, else module kinds such as self_attn.q_proj),
+    columns (layer numbers) and each module's (row, col). Without either, one row indexed by position."""
+    placed = {name: (role, layer["layer"]) for layer in (probe_map or {}).get("layers", [])
+              for role, name in layer["roles"].items()}
+    if modules and all(m in placed for m in modules):
+        kinds = list(dict.fromkeys(placed[m][0] for m in modules))
+        layers = sorted({placed[m][1] for m in modules})
+        return kinds, layers, [(kinds.index(placed[m][0]), layers.index(placed[m][1])) for m in modules]
     parsed = [LAYER.search(m) for m in modules]
     if not modules or not all(parsed):
         return ["module"], list(range(len(modules))), [(0, i) for i in range(len(modules))]
@@ -68,10 +74,10 @@ def _grid(values: np.ndarray, shape: tuple[int, int], cells: list[tuple[int, int
     return grid
 
 
-def norm_heatmaps(modules: list[str], means: dict[str, np.ndarray]) -> str:
-    """Mean gradient norm per (module kind, layer) for each partition on one log colour scale, and the
-    log2 ratio RL/SFT: where the concentrated examples' updates are relatively larger."""
-    kinds, layers, cells = module_grid(modules)
+def norm_heatmaps(modules: list[str], means: dict[str, np.ndarray], probe_map: dict | None = None) -> str:
+    """Mean gradient norm per (role, layer) for each partition on one log colour scale, and the log2
+    ratio RL/SFT: where the concentrated examples' updates are relatively larger."""
+    kinds, layers, cells = module_grid(modules, probe_map)
     grids = {p: _grid(m, (len(kinds), len(layers)), cells) for p, m in means.items()}
     panels = list(grids)
     if {"sft", "rl"} <= set(grids):

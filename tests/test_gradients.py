@@ -1,12 +1,15 @@
 import pytest
 import torch
 
-from curate.gradients import per_example_sq_norm, probe_batch, probed_modules
-from tests.conftest import tiny_llama
+from curate.gradients import per_example_sq_norm, probe_batch
+from curate.roles import role_map
+from tests.autograd_reference import reference_norm
 
 
-def naive_norms(model, ids: list[int], mask: list[int]):
-    """One example, no padding, ordinary autograd on the weights: the reference."""
+def naive_norms(model, ids: list[int], mask: list[int], names: list[str] | None = None):
+    """One example, no padding, ordinary autograd on the weights through the model's own forward: the
+    reference. Each entry's norm is read off the full weight gradient by tests.autograd_reference."""
+    names = names or role_map(model).names
     model = model.requires_grad_(True)
     model.zero_grad()
     x = torch.tensor([ids])
@@ -14,7 +17,8 @@ def naive_norms(model, ids: list[int], mask: list[int]):
     target = torch.tensor(mask[1:]).bool()
     loss = torch.nn.functional.cross_entropy(logits[target], x[0, 1:][target])
     loss.backward()
-    norms = [m.weight.grad.double().norm().item() for _, m in probed_modules(model)]  # fp32 .norm() is ~1e-4 off
+    norms = [reference_norm(model, name) for name in names]
+    model.zero_grad()
     model.requires_grad_(False)
     return loss.item(), torch.tensor(norms, dtype=torch.float64)
 
@@ -42,23 +46,24 @@ def batch(examples):
     return ids, att, loss
 
 
-def probe(model, examples):
-    res = probe_batch(model, probed_modules(model), *batch(examples))
+def probe(model, examples, rmap=None):
+    res = probe_batch(model, rmap or role_map(model), *batch(examples))
     return res.loss.double(), res.sq_norms.double().sqrt()
 
 
 def test_module_order_is_layer_then_projection(tiny_model):
-    names = [n for n, _ in probed_modules(tiny_model)]
+    names = role_map(tiny_model).names
     assert len(names) == 14
     assert names[0].endswith("layers.0.self_attn.q_proj") and names[6].endswith("layers.0.mlp.down_proj")
     assert names[7].endswith("layers.1.self_attn.q_proj")
 
 
-def assert_matches_autograd(model, examples) -> None:
+def assert_matches_autograd(model, examples, rmap=None) -> None:
     """The batched probe's loss (1e-5) and norms (1e-4 relative) equal one-example autograd's."""
-    loss, norms = probe(model, examples)
+    rmap = rmap or role_map(model)
+    loss, norms = probe(model, examples, rmap)
     for i, (ids, mask) in enumerate(examples):
-        ref_loss, ref = naive_norms(model, ids, mask)
+        ref_loss, ref = naive_norms(model, ids, mask, rmap.names)
         assert loss[i].item() == pytest.approx(ref_loss, rel=1e-5)
         torch.testing.assert_close(norms[i], ref, rtol=1e-4, atol=0)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from curate.gradients import plain_head, probed_modules
+from curate.gradients import plain_head
+from curate.roles import role_map
 from tests.test_gradients import assert_matches_autograd, make_examples, naive_norms, probe
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -52,8 +53,8 @@ def test_the_head_alone_would_be_wrong_for_these_families(family):
     assert abs(loss[0].item() - ref_loss) > 0.05 * abs(ref_loss)
 
 
-def test_a_model_without_the_probed_names_is_refused_with_the_names_it_has():
+def test_a_module_name_the_model_lacks_is_refused_with_the_names_it_has():
     model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON, pad_token_id=0))
     with pytest.raises(ValueError) as e:
-        probed_modules(model, ("q_proj",))
+        role_map(model, ("q_proj",))
     assert "--modules" in str(e.value) and "qkv_proj" in str(e.value) and "gate_up_proj" in str(e.value)

@@ -189,6 +189,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
                           "unrendered": _counts(template, "unrendered")},
         "ingest_notes": state["ingest"].get("notes", {}),
         "modules": state["modules"],
+        "probe_map": state.get("probe_map"),
         "config": state["config"],
         "inputs": state["ingest"]["files"],
         "skipped_files": state["ingest"].get("skipped", []),

@@ -15,10 +15,12 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from curate import gradients, models, schema
+from curate import gradients, models, roles, schema
 from curate.stages import route
 from curate.stages.base import Stage
 
+# Bumped when the architecture map changes what an entry measures: older probe shards are recomputed.
+ROLE_MAP_VERSION = 2
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -28,8 +30,9 @@ class ProbeConfig:
     device: str = "auto"                       # auto: cuda when present
     dtype: str = "auto"                        # auto: fp32 (see resolved_dtype)
     batch_tokens: int = 4096                   # padded tokens per forward/backward (~1.7 MB each for SmolLM2)
-    modules: tuple[str, ...] = gradients.DEFAULT_MODULES
+    modules: tuple[str, ...] = ()              # (): every role the architecture map finds (curate.roles)
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
+    allow_partial: bool = False       # probe what the map places when some layer matrices are unplaced
 
 
 def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -63,30 +66,35 @@ class Probe(Stage):
         c = self.config
         device = models.resolve_device(c.device)
         return {"stage": self.name, "model": models.identity(models.resolve(c.model, c.trust_remote_code)),
-                "dtype": resolved_dtype(c.dtype, device), "modules": list(c.modules)}
+                "dtype": resolved_dtype(c.dtype, device), "modules": list(c.modules),
+                "allow_partial": c.allow_partial, "role_map": ROLE_MAP_VERSION}
+
+    def role_map(self, model) -> roles.RoleMap:
+        return roles.role_map(model, tuple(self.config.modules), self.config.allow_partial)
 
     def describe(self) -> dict:
-        """The grad_norms order: module names, layer by layer."""
-        model = models.load_model(models.resolve(self.config.model, self.config.trust_remote_code), models.resolve_device(self.config.device))
-        return {"modules": [n for n, _ in gradients.probed_modules(model, tuple(self.config.modules))]}
+        """The grad_norms order (entry names, layer by layer) and the role map behind it."""
+        c = self.config
+        rmap = self.role_map(models.skeleton(models.resolve(c.model, c.trust_remote_code)))
+        return {"modules": rmap.names, "probe_map": rmap.describe()}
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config
         device = models.resolve_device(c.device)
         model = models.load_model(models.resolve(c.model, c.trust_remote_code), device)
-        modules = gradients.probed_modules(model, tuple(c.modules))
+        rmap = self.role_map(model)
         autocast = DTYPES[resolved_dtype(c.dtype, device)]
         ids = shard.column("input_ids").to_pylist()
         masks = shard.column("loss_mask").to_pylist()
         valid = [i for i, err in enumerate(shard.column("token_error").to_pylist()) if err is None]
         loss = np.full(len(ids), np.nan, dtype=np.float32)
-        sq = np.full((len(ids), len(modules)), np.nan, dtype=np.float64)
+        sq = np.full((len(ids), len(rmap.entries)), np.nan, dtype=np.float64)
         bar = tqdm(total=len(valid), desc="probe", unit="ex", leave=False)
         start, n_tok = time.perf_counter(), 0
         for batch in token_batches([len(ids[i]) for i in valid], c.batch_tokens):
             rows = [valid[b] for b in batch]
             input_ids, attention, loss_mask = _pad([ids[r] for r in rows], [masks[r] for r in rows], device)
-            res = gradients.probe_batch(model, modules, input_ids, attention, loss_mask, autocast)
+            res = gradients.probe_batch(model, rmap, input_ids, attention, loss_mask, autocast)
             loss[rows] = res.loss.cpu().numpy()
             sq[rows] = res.sq_norms.double().cpu().numpy()
             n_tok += int(attention.sum())

@@ -1,0 +1,254 @@
+"""The architecture map on the families users bring: every one either measured exactly by role (plain
+autograd over the model's own forward, fused blocks and MoE experts included) or refused with a message
+that says what to pass. Tiny random models (2 layers), seconds each."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+
+from curate.roles import DENSE_ROLES, NotCovered, role_map
+from tests.test_gradients import assert_matches_autograd, make_examples, probe
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+UNGATED = ("q", "k", "v", "o", "up", "down")
+MOE = ("q", "k", "v", "o", "router", "expert_gate", "expert_up", "expert_down")
+SHARED = ("shared_router", "shared_gate", "shared_up", "shared_down")
+EXPERTS = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+
+# family -> (model_type, config overrides, roles of every layer)
+FAMILIES = {
+    "llama": ("llama", {}, DENSE_ROLES),
+    "qwen2": ("qwen2", {}, DENSE_ROLES),
+    "qwen3": ("qwen3", {}, DENSE_ROLES),
+    "mistral": ("mistral", {}, DENSE_ROLES),
+    "gemma2": ("gemma2", {"head_dim": 16}, DENSE_ROLES),
+    "gemma3_text": ("gemma3_text", {"head_dim": 16}, DENSE_ROLES),
+    "phi3": ("phi3", {}, DENSE_ROLES),
+    "gpt_neox": ("gpt_neox", {"num_key_value_heads": None}, UNGATED),
+    "gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "num_attention_heads": None,
+                      "num_key_value_heads": None, "hidden_size": None, "num_hidden_layers": None}, UNGATED),
+    "falcon_new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, UNGATED),
+    "falcon_multi_query": ("falcon", {"new_decoder_architecture": False, "multi_query": True}, UNGATED),
+    "falcon_per_head": ("falcon", {"new_decoder_architecture": False, "multi_query": False}, UNGATED),
+    "granite": ("granite", {}, DENSE_ROLES),
+    "cohere": ("cohere", {}, DENSE_ROLES),
+    "olmo2": ("olmo2", {}, DENSE_ROLES),
+    "qwen3_moe": ("qwen3_moe", EXPERTS, MOE),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, MOE),
+    "qwen2_moe": ("qwen2_moe", {**EXPERTS, "shared_expert_intermediate_size": 48}, MOE + SHARED),
+    # beyond the issue's matrix, the rest of the README's table
+    "gemma": ("gemma", {"head_dim": 16}, DENSE_ROLES),
+    "olmo3": ("olmo3", {}, DENSE_ROLES),
+    "cohere2": ("cohere2", {}, DENSE_ROLES),
+    "stablelm": ("stablelm", {}, DENSE_ROLES),
+    "smollm3": ("smollm3", {}, DENSE_ROLES),
+    "glm": ("glm", {}, DENSE_ROLES),
+    "glm4": ("glm4", {}, DENSE_ROLES),
+    "exaone4": ("exaone4", {}, DENSE_ROLES),
+    "ernie4_5": ("ernie4_5", {}, DENSE_ROLES),
+    "seed_oss": ("seed_oss", {}, DENSE_ROLES),
+    "vaultgemma": ("vaultgemma", {"head_dim": 16}, DENSE_ROLES),
+    "phi": ("phi", {}, UNGATED),
+    "starcoder2": ("starcoder2", {}, UNGATED),
+    "gpt_bigcode": ("gpt_bigcode", {}, UNGATED),
+    "bloom": ("bloom", {"num_key_value_heads": None}, UNGATED),
+    "persimmon": ("persimmon", {"num_key_value_heads": None}, UNGATED),
+    "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}, MOE),
+    "granitemoe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2}, MOE),
+}
+
+
+def build(family: str):
+    model_type, overrides, _ = FAMILIES[family]
+    kwargs = {k: v for k, v in {**COMMON, **overrides}.items() if v is not None}
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
+def gemma3_multimodal():
+    torch.manual_seed(0)
+    text = {k: v for k, v in COMMON.items() if k != "pad_token_id"} | {"head_dim": 16}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=255, boi_token_index=254, eoi_token_index=253)
+    return transformers.Gemma3ForConditionalGeneration(config).eval().requires_grad_(False)
+
+
+def layer_roles(rmap) -> dict[int, tuple[str, ...]]:
+    out: dict[int, list[str]] = {}
+    for e in rmap.entries:
+        out.setdefault(e.layer, []).append(e.role)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_is_exact_by_role(family):
+    model = build(family)
+    rmap = role_map(model)
+    assert layer_roles(rmap) == {0: FAMILIES[family][2], 1: FAMILIES[family][2]}
+    assert_matches_autograd(model, make_examples(4))
+
+
+def test_gemma3_multimodal_probes_its_language_model_only():
+    model = gemma3_multimodal()
+    rmap = role_map(model)
+    assert layer_roles(rmap) == {0: DENSE_ROLES, 1: DENSE_ROLES}
+    assert all(".language_model." in name for name in rmap.names)  # no vision tower entry
+    examples = [([t % 250 for t in ids], mask) for ids, mask in make_examples(3)]  # no image tokens
+    assert_matches_autograd(model, examples, rmap)
+
+
+def _site_rows(rmap, layer: int, role: str):
+    for site in rmap.sites:
+        for col, rows in site.blocks:
+            e = rmap.entries[col]
+            if e.layer == layer and e.role == role:
+                return site, rows
+    raise KeyError(role)
+
+
+def _scale_outputs(site, rows, factor: float) -> None:
+    """Multiply the weight rows (Conv1D: columns; expert stack: per expert) computing `rows`, and their bias."""
+    from transformers.pytorch_utils import Conv1D
+
+    rows = slice(None) if rows is None else rows
+    w = site.param
+    if w.ndim == 3:
+        w[:, rows, :] *= factor
+    elif isinstance(site.module, Conv1D):
+        w[:, rows] *= factor
+    else:
+        w[rows, :] *= factor
+    bias = getattr(site.module, "bias", None) if site.kind == "linear" else None
+    if bias is not None:
+        bias[rows] *= factor
+
+
+def _scale_inputs(site, factor: float) -> None:
+    site.param.mul_(factor)  # every input column: o reads all heads' values, down all of the MLP's units
+
+
+def _logits(model):
+    ids = torch.tensor([make_examples(1, seed=5)[0][0]])
+    return model(input_ids=ids % 250).logits
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "gpt2", "falcon_new", "falcon_multi_query",
+                                    "falcon_per_head", "qwen3_moe", "llama"])
+def test_the_blocks_are_the_roles_they_are_named(family):
+    """Semantics, independent of any layout written down: q·k is unchanged when the q block is scaled by c
+    and the k block by 1/c, the attention output when v is scaled by c and o by 1/c, a gated MLP when up
+    is scaled by c and down by 1/c. A mislabelled block (a head of k counted as q) breaks the invariance;
+    scaling q alone changes the logits, so the check is not vacuous."""
+    model = build(family)
+    up, down = ("expert_up", "expert_down") if family == "qwen3_moe" else ("up", "down")
+    gated = "gate" in " ".join(FAMILIES[family][2])
+    qk_norm = any(name.endswith("q_norm") for name, _ in model.named_modules())  # scales of q cancel there
+    before = _logits(model)
+    with torch.no_grad():
+        for pairs, compensate in (([("q", 3.0), ("k", 1 / 3.0)], None), ([("v", 3.0)], "o"),
+                                  ([(up, 3.0)], down) if gated else ([], None)):
+            if not pairs:
+                continue
+            trial = copy.deepcopy(model)
+            trial_map = role_map(trial)
+            for layer in (0, 1):
+                for role, factor in pairs:
+                    _scale_outputs(*_site_rows(trial_map, layer, role), factor)
+                if compensate:
+                    _scale_inputs(_site_rows(trial_map, layer, compensate)[0], 1 / 3.0)
+            torch.testing.assert_close(_logits(trial), before, rtol=1e-4, atol=1e-4)
+            if pairs[0][0] == "q" and qk_norm:
+                continue
+            alone = copy.deepcopy(model)
+            _scale_outputs(*_site_rows(role_map(alone), 0, pairs[0][0]), 3.0)
+            assert not torch.allclose(_logits(alone), before, rtol=1e-3, atol=1e-3)
+
+
+def test_an_unmapped_layout_is_refused_with_the_matrices_and_the_options():
+    config = transformers.DeepseekV3Config(  # multi-head latent attention: no q, k, v matrices to name
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval().requires_grad_(False)
+    with pytest.raises(NotCovered) as e:
+        role_map(model)
+    message = str(e.value)
+    assert "model.layers.0.self_attn.kv_b_proj.weight" in message and "layer 0 yields roles o gate up down" in message
+    assert "--modules" in message and "--allow-partial" in message
+    partial = role_map(model, allow_partial=True)
+    assert layer_roles(partial) == {0: ("o", "gate", "up", "down"), 1: (
+        "o", "router", "expert_gate", "expert_up", "expert_down", "shared_gate", "shared_up", "shared_down")}
+    assert partial.describe()["partial"] and len(partial.describe()["unprobed"]) == 8
+    assert_matches_autograd(model, make_examples(2), partial)
+
+
+def test_modules_choose_roles_or_names():
+    model = build("phi3")
+    assert role_map(model, ("q", "o")).names == [
+        "model.layers.0.self_attn.qkv_proj[q]", "model.layers.0.self_attn.o_proj",
+        "model.layers.1.self_attn.qkv_proj[q]", "model.layers.1.self_attn.o_proj"]
+    assert [e.role for e in role_map(model, ("gate_up_proj",)).entries] == ["gate", "up", "gate", "up"]
+    assert role_map(model, ("q", "o")).describe()["unprobed"][:2] == [
+        "model.layers.0.self_attn.qkv_proj[k]", "model.layers.0.self_attn.qkv_proj[v]"]
+    with pytest.raises(ValueError, match="roles found: q k v o gate up down; module names: .*qkv_proj"):
+        role_map(model, ("w_in",))
+
+
+def test_a_weight_whose_gradient_never_arrives_is_an_error():
+    model = build("llama")
+    rmap = role_map(model)
+    model.model.layers[1].forward = lambda hidden_states, *a, **k: hidden_states  # layer 1 never runs
+    with pytest.raises(RuntimeError, match="never saw the gradient of model.layers.1.self_attn.q_proj"):
+        probe(model, make_examples(2), rmap)
+
+
+def test_a_weight_applied_twice_is_an_error():
+    model = build("llama")
+    model.model.layers[1] = model.model.layers[0]  # one layer's weights applied twice in a forward
+    with pytest.raises(RuntimeError, match="applied twice"):
+        probe(model, make_examples(2))
+
+
+def test_the_manifest_record_says_model_class_roles_and_moe_convention():
+    record = role_map(build("qwen2_moe")).describe()
+    assert record["model_class"] == "Qwen2MoeForCausalLM" and not record["partial"]
+    assert record["roles"][:8] == list(MOE) and "sqrt(Σ_e" in record["moe_convention"]
+    assert record["layers"][0]["roles"]["expert_gate"] == "model.layers.0.mlp.experts.gate_up_proj[expert_gate]"
+    assert "moe_convention" not in role_map(build("llama")).describe()
+
+
+def test_prism_refuses_an_uncovered_model_before_any_work_and_records_allow_partial(smol_tokenizer, tmp_path, capsys):
+    from curate.cli import main
+    from tests.test_integrity_folders import DEMO, prism_args
+
+    config = transformers.DeepseekV3Config(
+        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=256)
+    torch.manual_seed(0)
+    folder = tmp_path / "deepseek"
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("\n".join(DEMO.read_text().splitlines()[:6]) + "\n")
+    out = tmp_path / "o"
+    assert main(prism_args(corpus, out, str(folder))) == 2
+    err = capsys.readouterr().err
+    assert "kv_b_proj" in err and "--allow-partial" in err
+    assert not (out / ".work" / "ingest").exists()  # refused before ingest
+    assert main(prism_args(corpus, out, str(folder), "--allow-partial")) == 0
+    record = json.loads((out / "manifest.json").read_text())["probe_map"]
+    assert record["partial"] and len(record["unprobed"]) == 8 and record["model_class"] == "DeepseekV3ForCausalLM"
+    assert "left out: model.layers.0.self_attn.q_a_proj.weight" in capsys.readouterr().out
