@@ -84,6 +84,8 @@ class _Capture:
         tokens the flat index (example * T + position) of each row when a holds only some tokens."""
         b, t = self.sq.shape[0], self.seq
         name = self.rmap.entries[site.blocks[0][0]].name
+        if not isinstance(out, torch.Tensor):
+            raise RuntimeError(f"{name}: its forward returns {type(out).__name__}, not the tensor of a linear map")
         if (id(site), key) in self.applied:
             raise RuntimeError(f"{name}{'' if key is None else f' (expert {key})'} is applied twice in one forward; "
                                "its per-example gradient would be a sum of two products, which the probe does not form")
@@ -127,21 +129,24 @@ class _Functional(TorchFunctionMode):
     weight, an (experts, out, in) stack indexed per expert). It sees each F.linear on a watched weight or
     on one expert's slice of it, and which rows of the module's input were gathered for that expert."""
 
-    def __init__(self, capture: _Capture, sites: list[Site], module_input):
+    def __init__(self, capture: _Capture, sites: list[Site], owner: nn.Module, module_input):
         super().__init__()
         self.capture, self.input = capture, module_input
         self.params = {id(s.param): s for s in sites}
-        self.slices: dict[int, tuple] = {}     # id(expert slice) -> (slice, site, expert)
+        # every expert stack of the owner, watched or not: an expert's tokens are known from whichever of
+        # its matrices reads the gathered rows first (down_proj alone may be probed)
+        self.stacks = {id(p) for p in owner.parameters(recurse=False) if p.ndim == 3} | set(self.params)
+        self.slices: dict[int, tuple] = {}     # id(expert slice) -> (slice, site or None, expert)
         self.gathered: dict[int, tuple] = {}   # id(gathered rows) -> (rows tensor, token index)
-        self.tokens: dict[int, torch.Tensor] = {}  # expert -> token index of its first F.linear
+        self.tokens: dict[int, torch.Tensor] = {}  # expert -> token index of its gathered rows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func is torch.Tensor.__getitem__:
             src, index = args[0], args[1]
-            if id(src) in self.params and isinstance(index, (int, torch.Tensor)):
-                self.slices[id(out)] = (out, self.params[id(src)], int(index))
+            if id(src) in self.stacks and isinstance(index, (int, torch.Tensor)):
+                self.slices[id(out)] = (out, self.params.get(id(src)), int(index))
             elif src is self.input and isinstance(index, torch.Tensor) and index.dim() == 1 \
                     and not index.dtype.is_floating_point and index.dtype != torch.bool:
                 self.gathered[id(out)] = (out, index)
@@ -153,12 +158,14 @@ class _Functional(TorchFunctionMode):
                 _, site, expert = self.slices[id(w)]
             else:
                 return out
-            tokens = self.gathered[id(x)][1] if id(x) in self.gathered else self.tokens.get(expert)
+            if expert is not None and id(x) in self.gathered:
+                self.tokens.setdefault(expert, self.gathered[id(x)][1])
+            if site is None:
+                return out
+            tokens = self.tokens.get(expert) if expert is not None else None
             if expert is not None and tokens is None and x.shape[0] != self.capture.sq.shape[0] * self.capture.seq:
                 raise RuntimeError(f"{self.capture.rmap.entries[site.blocks[0][0]].name}: expert {expert}'s "
                                    "input rows cannot be traced to the batch's tokens")
-            if expert is not None and tokens is not None:
-                self.tokens.setdefault(expert, tokens)
             self.capture.watch(site, expert, x, out, tokens)
         return out
 
@@ -177,8 +184,8 @@ def _capture(rmap: RoleMap, sq: torch.Tensor, seq_len: int):
     for owner, sites in by_owner.values():
         active: list[_Functional] = []
 
-        def enter(_mod, args, sites=sites, active=active):
-            active.append(_Functional(cap, sites, args[0]))
+        def enter(mod, args, sites=sites, active=active):
+            active.append(_Functional(cap, sites, mod, args[0]))
             active[-1].__enter__()
 
         def leave(_mod, _args, _output, active=active):
@@ -226,6 +233,7 @@ def plain_head(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     plain = not any(getattr(c, key, None) not in (None, 1, 1.0) for c in (config, text) for key in _HEAD_POSTPROCESSING)
+    plain = plain and decoder(model) is not model  # no separate decoder to run: the model's own forward
     if plain:
         device = model.get_input_embeddings().weight.device
         ids = torch.arange(1, 9, device=device).unsqueeze(0) % model.get_input_embeddings().num_embeddings

@@ -103,8 +103,8 @@ class RoleMap:
 def summary(record: dict) -> str:
     """One line from a RoleMap.describe() record: the model class, then which roles which layers gave."""
     by_set: dict[tuple, list[int]] = {}
-    for layer in record["layers"]:
-        by_set.setdefault(tuple(layer["roles"]), []).append(layer["layer"])
+    for layer in record["layers"]:  # roles in PRISM's order (a manifest stores the keys sorted)
+        by_set.setdefault(tuple(sorted(layer["roles"], key=_role_rank)), []).append(layer["layer"])
     parts = [f"layers {_spans(ls)}: {' '.join(roles)}" for roles, ls in by_set.items()]
     left = record.get("unprobed") or []
     left_out = f"; left out: {', '.join(left[:6])}{f' and {len(left) - 6} more' if len(left) > 6 else ''}" if left else ""
@@ -112,8 +112,12 @@ def summary(record: dict) -> str:
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The text decoder: a multimodal model's language model, never its vision or audio tower."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    """The text decoder: a multimodal model's language model, never its vision or audio tower. (Some
+    causal-LM classes answer get_decoder() with themselves: then their base model.)"""
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if dec is model:  # Llama-4's text model names a base_model_prefix it does not have
+        dec = getattr(model, "model", None) if isinstance(getattr(model, "model", None), nn.Module) else model.base_model
+    return dec
 
 
 def role_map(model: nn.Module, modules: tuple[str, ...] = (), allow_partial: bool = False) -> RoleMap:
@@ -149,7 +153,8 @@ def role_map(model: nn.Module, modules: tuple[str, ...] = (), allow_partial: boo
         names = {f[2] for f in chosen}
         unprobed = [f[2] for f in found if f[2] not in names] + unprobed
         found = chosen
-    elif not allow_partial:
+    _refuse_shared(dec, prefix, {id(f[3].param) for f in found})
+    if not modules and not allow_partial:
         _check_coverage(model, found, unprobed)
     if not found:
         raise NotCovered(f"{type(model).__name__}: no weight matrix of its decoder layers was found to probe")
@@ -167,23 +172,31 @@ def _place(dec, owner_path: str, owner: nn.Module, attr: str, param: nn.Paramete
 
     parts = owner_path.split(".")
     leaf = parts[-1]
+    if any("cross" in p for p in parts):
+        return None  # cross-attention reads another stream (an image's); it is no role of the decoder's own
     shared = any(p.startswith("shared_expert") for p in parts)
     in_attention = any("attn" in p or "attention" in p for p in parts[:-1])
     if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight":
+        # a router that is a Linear with its own forward (Phi-MoE's, returning a tuple) is watched through
+        # the F.linear it makes, like the routers below; other Linear subclasses (FalconLinear) by output
+        plain = type(owner).forward in (nn.Linear.forward, Conv1D.forward)
+        kind = "functional" if not plain and leaf in ("gate", "router") else "linear"
         out_features = param.shape[1] if isinstance(owner, Conv1D) else param.shape[0]
         if shared and leaf == "shared_expert_gate":
-            return "linear", owner_path, [("shared_router", None)]
+            return kind, owner_path, [("shared_router", None)]
         fused = _fused_layout(dec, owner_path, leaf, out_features, in_attention, model_type)
         if fused == []:
             return None  # a fused name whose layout is unknown here or does not add up: listed as unplaced
         if fused is not None:
-            return "linear", owner_path, [(("shared_" if shared else "") + r, rows) for r, rows in fused]
+            return kind, owner_path, [(("shared_" if shared else "") + r, rows) for r, rows in fused]
         role = (_ATTENTION if in_attention else _MLP).get(leaf)
-        if role is None:
+        if role is None or role == "q" and not _is_query_sized(dec, owner_path, out_features):
             return None
-        return "linear", owner_path, [(("shared_" if shared else "") + role, None)]
+        return kind, owner_path, [(("shared_" if shared else "") + role, None)]
     if param.ndim == 3 and attr in _EXPERT_STACKS:  # (experts, out, in), applied by F.linear per expert
-        if getattr(owner, "is_transposed", False):
+        # only transformers' experts classes (use_experts_implementation: their eager forward applies
+        # F.linear to each expert's slice) in the untransposed layout; others (Llama-4's batched matmul) not
+        if not hasattr(owner, "is_transposed") or owner.is_transposed:
             return None
         roles = _EXPERT_STACKS[attr]
         if len(roles) == 1:
@@ -199,33 +212,60 @@ def _place(dec, owner_path: str, owner: nn.Module, attr: str, param: nn.Paramete
     return None
 
 
-def _fused_layout(dec, owner_path, leaf, out_features, in_attention, model_type):
-    """[(role, rows)] for a fused matrix, None when `leaf` is not a fused name. A fused name whose layout
-    is unknown for this model type, or whose size does not add up, is not placed (NotCovered says so)."""
-    if leaf == "gate_up_proj" and not in_attention:
-        half = out_features // 2
-        return [("gate", slice(0, half)), ("up", slice(half, 2 * half))] if out_features % 2 == 0 else []
-    if not in_attention or leaf not in ("qkv_proj", "c_attn", "W_pack", "query_key_value", "Wqkv"):
-        return None
-    attn = dec.get_submodule(owner_path.rsplit(".", 1)[0])
-    cfg = dec.config
+def _heads(dec, attention_path: str) -> tuple[int, int, int]:
+    """(query heads, head_dim, key/value heads) of an attention module, from its attributes or config."""
+    attn, cfg = dec.get_submodule(attention_path), dec.config
     heads = getattr(attn, "num_heads", None) or cfg.num_attention_heads
     head_dim = (getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
                 or getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     kv_heads = next((getattr(attn, a) for a in ("num_key_value_heads", "num_kv_heads", "kv_heads")
-                     if isinstance(getattr(attn, a, None), int)), None) or getattr(cfg, "num_key_value_heads", None) or heads
-    if leaf == "query_key_value" and model_type == "falcon":
+                     if isinstance(getattr(attn, a, None), int)), None)
+    return heads, head_dim, kv_heads or getattr(cfg, "num_key_value_heads", None) or heads
+
+
+def _is_query_sized(dec, owner_path: str, out_features: int) -> bool:
+    """A q projection gives heads × head_dim outputs; one that gives more also computes something else
+    (Qwen3-Next's attention output gate) and is no pure q."""
+    try:
+        heads, head_dim, _ = _heads(dec, owner_path.rsplit(".", 1)[0])
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return True  # no head layout to check against
+    return out_features == heads * head_dim
+
+
+# Fused q/k/v matrices by (model_type, module name): a layout is only trusted where it was read from that
+# family's modeling code and tested (tests/test_architectures.py); any other fused q/k/v is refused.
+_PER_HEAD_QKV = {("gpt_neox", "query_key_value"), ("bloom", "query_key_value"), ("persimmon", "query_key_value")}
+_FUSED_QKV_NAMES = ("qkv_proj", "c_attn", "W_pack", "query_key_value", "Wqkv", "qkv")
+
+
+def _fused_layout(dec, owner_path, leaf, out_features, in_attention, model_type):
+    """[(role, rows)] for a fused matrix, None when `leaf` is not a fused name. A fused name whose layout
+    is unknown for this model type, or whose size does not add up, gives [] (not placed; NotCovered)."""
+    if leaf == "gate_up_proj" and not in_attention:
+        if model_type not in ("phi3", "glm", "glm4"):  # [gate | up], read from these families' MLPs
+            return []
+        half = out_features // 2
+        return [("gate", slice(0, half)), ("up", slice(half, 2 * half))] if out_features % 2 == 0 else []
+    if not in_attention or leaf not in _FUSED_QKV_NAMES:
+        return None
+    heads, head_dim, kv_heads = _heads(dec, owner_path.rsplit(".", 1)[0])
+    attn = dec.get_submodule(owner_path.rsplit(".", 1)[0])
+    if (model_type, leaf) == ("falcon", "query_key_value"):
         if getattr(attn, "new_decoder_architecture", False):  # per kv group: its query heads, then k, then v
-            kv_heads = attn.num_kv_heads
-            return _grouped_heads(heads // kv_heads, kv_heads, head_dim, out_features)
+            return _grouped_heads(heads // attn.num_kv_heads, attn.num_kv_heads, head_dim, out_features)
         if getattr(attn, "multi_query", False):  # [q heads | one k | one v]
             return _contiguous((heads * head_dim, head_dim, head_dim), out_features)
         return _grouped_heads(1, heads, head_dim, out_features)  # per head: q, k, v
-    if leaf == "query_key_value" and model_type in ("gpt_neox", "bloom", "persimmon"):
+    if (model_type, leaf) == ("gpt_bigcode", "c_attn") and not getattr(attn, "multi_query", True):
+        return _grouped_heads(1, heads, head_dim, out_features)  # (heads, 3·head_dim): per head q, k, v
+    if (model_type, leaf) == ("gpt_bigcode", "c_attn"):
+        return _contiguous((heads * head_dim, head_dim, head_dim), out_features)  # [q | one k | one v]
+    if (model_type, leaf) in _PER_HEAD_QKV:
         return _grouped_heads(1, heads, head_dim, out_features)
-    if leaf == "query_key_value":
-        return []
-    return _contiguous((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), out_features)
+    if (model_type, leaf) in (("phi3", "qkv_proj"), ("gpt2", "c_attn")):  # [q heads | k heads | v heads]
+        return _contiguous((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), out_features)
+    return []
 
 
 def _contiguous(sizes, out_features):
@@ -256,6 +296,19 @@ def _roles_by_layer(found) -> dict[int, list[str]]:
     for layer, role, *_ in found:
         out.setdefault(layer, []).append(role)
     return {k: sorted(v, key=_role_rank) for k, v in sorted(out.items())}
+
+
+def _refuse_shared(dec, prefix: str, probed: set[int]) -> None:
+    """A probed weight that several modules hold (layers sharing weights) gets one gradient summed over
+    its uses: per-module hooks would each see one use. Refused rather than measured wrong."""
+    paths: dict[int, list[str]] = {}
+    for name, param in dec.named_parameters(remove_duplicate=False):
+        if id(param) in probed:
+            paths.setdefault(id(param), []).append(prefix + name)
+    shared = [p for p in paths.values() if len(p) > 1]
+    if shared:
+        raise ValueError(f"{' and '.join(shared[0])} are one shared weight: its per-example gradient sums "
+                         "every use, which the probe does not form; leave it out with --modules ROLE_OR_NAME ...")
 
 
 def _spans(layers: list[int]) -> str:

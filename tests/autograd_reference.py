@@ -37,9 +37,10 @@ def _block(model, path: str, role: str, grad: torch.Tensor) -> torch.Tensor:
         kv = cfg.num_key_value_heads
         q, k, v = grad.split([heads * head_dim, kv * head_dim, kv * head_dim], dim=0)
         return {"q": q, "k": k, "v": v}[role]
-    if leaf == "c_attn" and cfg.model_type == "gpt_bigcode":  # Conv1D-free: [q | k | v], one kv head if multi-query
-        kv = head_dim * (1 if cfg.multi_query else heads)
-        return dict(zip("qkv", grad.split([cfg.hidden_size, kv, kv], dim=0)))[role]
+    if leaf == "c_attn" and cfg.model_type == "gpt_bigcode":
+        if cfg.multi_query:  # [q heads | one k | one v]
+            return dict(zip("qkv", grad.split([cfg.hidden_size, head_dim, head_dim], dim=0)))[role]
+        return grad.view(heads, 3, head_dim, -1)[:, "qkv".index(role)]  # per head: q, k, v
     if leaf == "c_attn":  # GPT-2's Conv1D stores (in, out): q, k, v are column thirds
         return dict(zip("qkv", grad.split(cfg.hidden_size, dim=1)))[role]
     if leaf == "query_key_value" and cfg.model_type in ("gpt_neox", "bloom", "persimmon"):  # per head: q, k, v
