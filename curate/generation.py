@@ -20,6 +20,7 @@ import torch
 
 from curate import chat, logprobs, models
 from curate.io.atomic import stable_hash
+from curate.stages.base import keyed, model_field, no_effect
 from curate.stages.probe import token_batches
 
 ENGINES = ("auto", "hf", "vllm")
@@ -30,14 +31,15 @@ NOT_RECORD_ERRORS = (*chat.NOT_RECORD_ERRORS, models.ModelError)
 
 @dataclass
 class GenerationConfig:
-    model: str | None = None        # None: the embedded SmolLM2-135M-Instruct
-    engine: str = "auto"            # auto: vllm when importable and CUDA is present, else hf
-    device: str = "auto"
+    model: str | None = model_field()  # None: the embedded SmolLM2-135M-Instruct
+    engine: str = keyed("auto", lambda c: resolve_engine(c))  # auto: vllm when importable and CUDA is present, else hf
+    device: str = keyed("auto", lambda c: models.resolve_device(c.device))
     temperature: float = 1.0        # 0: greedy
     top_p: float = 1.0
     max_new_tokens: int = 512
     seed: int = 0
-    batch_tokens: int = 32768       # hf: rows x (longest prompt + max_new_tokens) per generate call
+    batch_tokens: int = no_effect(32768)  # hf: rows x (longest prompt + max_new_tokens) per generate call; per-row
+    #                                       generators make batching irrelevant (up to float rounding)
     trust_remote_code: bool = False # let the model folder run its own code (--trust-remote-code)
 
     def __post_init__(self):
@@ -54,14 +56,6 @@ def resolve_engine(cfg: GenerationConfig) -> str:
     if cfg.engine != "auto":
         return cfg.engine
     return "vllm" if has_vllm and models.resolve_device(cfg.device) == "cuda" else "hf"
-
-
-def identity(cfg: GenerationConfig) -> dict:
-    """What changes the samples: the cache key of anything built on them. The token budget is left out
-    because per-row generators make batching irrelevant (up to float rounding)."""
-    c = {k: v for k, v in vars(cfg).items() if k not in ("model", "engine", "device", "batch_tokens", "trust_remote_code")}
-    return {**c, "engine": resolve_engine(cfg), "device": models.resolve_device(cfg.device),
-            "model": models.identity(models.resolve(cfg.model, cfg.trust_remote_code))}
 
 
 def template_problem(cfg: GenerationConfig, conversation: list[dict], tools: list[dict] | None = None,

@@ -159,7 +159,7 @@ def _run_prism(cfg: PrismConfig) -> dict:
     finally:
         executor.close()
     state = {"config": asdict(cfg), "ingest": ing, "tokenize": tok, "probe": prb, "signals": signals,
-             "model": probe.identity()["model"], "modules": prb[0]["modules"] if prb else [],
+             "model": probe.identity()["config"]["model"], "modules": prb[0]["modules"] if prb else [],
              "probe_map": prb[0].get("probe_map") if prb else None,
              "timings": timings, "cache": cache}
     write_json(work / STATE, state)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from curate.stages.base import config_key
 from curate import chat, generation, models
 from curate.generation import GenerationConfig, RowSampler, generate, nucleus
 
@@ -84,7 +85,7 @@ def test_greedy_left_padded_batch_equals_unpadded_argmax(tiny_model_dir):
 
 def test_engine_choice_and_config_checks(tiny_model_dir):
     assert generation.resolve_engine(cfg(tiny_model_dir)) == "hf"  # no vllm, no CUDA here
-    ident = generation.identity(cfg(tiny_model_dir))
+    ident = config_key(cfg(tiny_model_dir))
     assert ident["engine"] == "hf" and "batch_tokens" not in ident and len(ident["model"]["sha256"]) == 64
     for bad in (dict(engine="tgi"), dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0)):
         with pytest.raises(ValueError):

@@ -5,10 +5,51 @@ stage joins them. A stage never knows how it is scheduled."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import ClassVar
+from dataclasses import field, fields, is_dataclass
+from typing import Any, Callable, ClassVar
 
 import pyarrow as pa
+
+
+def no_effect(default: Any) -> Any:
+    """A config field that never changes a stage's output beyond float rounding (batch sizes, worker
+    counts): left out of the cache key, so changing it reuses the cached shards."""
+    return field(default=default, metadata={"affects_results": False})
+
+
+def model_field(default: Any = None, none_is_default: bool = True) -> Any:
+    """A config field naming a model: in the cache key as the model's identity (name, GGUF file, sha256 of
+    its weights), so new weights in the same folder invalidate the cache. none_is_default: None means the
+    embedded default model (keyed by its identity); otherwise None means no model (keyed as None).
+    default=MISSING: a required field."""
+    return field(default=default, metadata={"model": "default" if none_is_default else "optional"})
+
+
+def keyed(default: Any, key: Callable[[Any], Any]) -> Any:
+    """A config field keyed by what it resolves to on this machine (`key(config)`), e.g. device "auto" by
+    the device it picks: a cache made elsewhere with another resolution is not reused."""
+    return field(default=default, metadata={"key": key})
+
+
+def config_key(config) -> dict:
+    """The cache-key form of a stage config: every field, nested configs included, except those marked
+    no_effect; model fields by the model's identity; keyed fields by their resolution. A field added to a
+    config counts unless marked, so a new option can never leave stale shards behind."""
+    from curate import models
+
+    out = {}
+    for f in fields(config):
+        if not f.metadata.get("affects_results", True):
+            continue
+        value = getattr(config, f.name)
+        if "key" in f.metadata:
+            value = f.metadata["key"](config)
+        elif f.metadata.get("model") and (value is not None or f.metadata["model"] == "default"):
+            value = models.identity_of(value, getattr(config, "trust_remote_code", False))
+        elif is_dataclass(value):
+            value = config_key(value)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 class Stage:
@@ -20,9 +61,12 @@ class Stage:
     def __init__(self, config):
         self.config = config
 
+    version: ClassVar[dict] = {}  # bumped when the stage's code changes what it computes
+
     def identity(self) -> dict:
-        """Everything that changes this stage's output: part of every shard's cache key."""
-        return {"stage": self.name, "config": asdict(self.config)}
+        """Everything that changes this stage's output: part of every shard's cache key (config_key of
+        its config, and the stage's code version)."""
+        return {"stage": self.name, "config": config_key(self.config), **self.version}
 
     def describe(self) -> dict:
         """Facts about the computation worth keeping in the shard's marker and the manifest."""

@@ -51,11 +51,6 @@ class Continuation(Stage):
                         ("chosen_text", pa.string()), ("rejected_text", pa.string()), ("tools", pa.string()),
                         ("pair_error", pa.string())])
 
-    def identity(self) -> dict:
-        c = self.config
-        return {"stage": self.name, "generation": generation.identity(c.generation), "stages": c.stages,
-                "chunk": c.stage}
-
     def describe(self) -> dict:
         return {"generation": asdict(self.config.generation)}
 

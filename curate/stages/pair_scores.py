@@ -14,18 +14,18 @@ import pyarrow as pa
 
 from curate import logprobs, models, rewards
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import Stage, model_field, no_effect
 
 LOGP_COLUMNS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
 class PairScoresConfig:
-    model: str | None = None          # π: the generator, whose log-probs make the implicit reward
-    ref_model: str | None = None      # π_ref; None: the same model as π
-    reward_model: str | None = None   # an AutoModelForSequenceClassification folder, optional
-    device: str = "auto"
-    batch_tokens: int = 8192
+    model: str | None = model_field()  # π: the generator, whose log-probs make the implicit reward
+    ref_model: str | None = model_field(none_is_default=False)     # π_ref; None: the same model as π
+    reward_model: str | None = model_field(none_is_default=False)  # an AutoModelForSequenceClassification folder
+    device: str = no_effect("auto")    # log-probs agree across devices up to float rounding
+    batch_tokens: int = no_effect(8192)
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
 
 
@@ -36,12 +36,6 @@ class PairScores(Stage):
     writes = pa.schema([*[(c, pa.float64()) for c in LOGP_COLUMNS],
                         ("rm_score_chosen", pa.float32()), ("rm_score_rejected", pa.float32()),
                         ("chosen_len_tokens", pa.int32()), ("rejected_len_tokens", pa.int32())])
-
-    def identity(self) -> dict:
-        c, t = self.config, self.config.trust_remote_code
-        return {"stage": self.name, "model": models.identity_of(c.model, t),
-                "ref_model": models.identity_of(c.ref_model or c.model, t),
-                "reward_model": models.identity_of(c.reward_model, t) if c.reward_model else None}
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from curate import chat, models
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import Stage, model_field
 
 # a cut after a token whose text ends a line, or ends a sentence and is followed by whitespace
 _LINE_END = re.compile(r"\n\s*$")
@@ -31,7 +31,7 @@ PREFIX_MODES = ("rl", "all", "none")   # which routed rows carry the annotations
 
 @dataclass
 class PrefixConfig:
-    tokenizer: str | None = None      # whose tokens L counts (default: the probe model's)
+    tokenizer: str | None = model_field()  # whose tokens L counts (default: the probe model's)
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
     chat_template: str | None = None  # template text used instead of the tokenizer's (--chat-template)
 
@@ -85,9 +85,6 @@ class Prefix(Stage):
     reads = ("messages", "tools")
     writes = pa.schema([("demo", pa.string()), ("demo_len_tokens", pa.int32()),
                         ("cut_points", pa.list_(pa.int32()))])
-
-    def identity(self) -> dict:
-        return {**super().identity(), "tokenizer": models.identity(models.resolve(self.config.tokenizer, self.config.trust_remote_code))}
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from curate import gradients, models, roles, schema
 from curate.stages import route
-from curate.stages.base import Stage
+from curate.stages.base import Stage, keyed, model_field, no_effect
 
 # Bumped when the architecture map changes what an entry measures: older probe shards are recomputed.
 ROLE_MAP_VERSION = 2
@@ -26,10 +26,10 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class ProbeConfig:
-    model: str | None = None                   # None: the embedded SmolLM2-135M-Instruct
-    device: str = "auto"                       # auto: cuda when present
-    dtype: str = "auto"                        # auto: fp32 (see resolved_dtype)
-    batch_tokens: int = 4096                   # padded tokens per forward/backward (~1.7 MB each for SmolLM2)
+    model: str | None = model_field()          # None: the embedded SmolLM2-135M-Instruct
+    device: str = no_effect("auto")            # auto: cuda when present; fp32 results agree across devices
+    dtype: str = keyed("auto", lambda c: resolved_dtype(c.dtype))  # auto: fp32 (see resolved_dtype)
+    batch_tokens: int = no_effect(4096)        # padded tokens per forward/backward (~1.7 MB each for SmolLM2)
     modules: tuple[str, ...] = ()              # (): every role the architecture map finds (curate.roles)
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
     allow_partial: bool = False       # probe what the map places when some layer matrices are unplaced
@@ -49,25 +49,19 @@ def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def resolved_dtype(dtype: str, device: str) -> str:
+def resolved_dtype(dtype: str) -> str:
     """auto is fp32 on every device. bf16 autocast moves SmolLM2's per-module norms by up to ~9% (q/k
     projections; Opacus agrees, so it is bf16 itself, and fp32 attention does not help): enough to flip
-    rows near the threshold, so the faster dtype is an explicit choice. (`device` is kept for callers.)"""
+    rows near the threshold, so the faster dtype is an explicit choice."""
     return "fp32" if dtype == "auto" else dtype
 
 
 class Probe(Stage):
     name = "probe"
+    version = {"role_map": ROLE_MAP_VERSION}
     reads = ("input_ids", "loss_mask", "token_error")
     writes = pa.schema([("probe_loss", pa.float32()), ("grad_norms", pa.list_(pa.float32())),
                         ("grad_norm_total", pa.float32())] + [(m, pa.float32()) for m in schema.NORM_METRICS])
-
-    def identity(self) -> dict:
-        c = self.config
-        device = models.resolve_device(c.device)
-        return {"stage": self.name, "model": models.identity(models.resolve(c.model, c.trust_remote_code)),
-                "dtype": resolved_dtype(c.dtype, device), "modules": list(c.modules),
-                "allow_partial": c.allow_partial, "role_map": ROLE_MAP_VERSION}
 
     def role_map(self, model) -> roles.RoleMap:
         return roles.role_map(model, tuple(self.config.modules), self.config.allow_partial)
@@ -83,7 +77,7 @@ class Probe(Stage):
         device = models.resolve_device(c.device)
         model = models.load_model(models.resolve(c.model, c.trust_remote_code), device)
         rmap = self.role_map(model)
-        autocast = DTYPES[resolved_dtype(c.dtype, device)]
+        autocast = DTYPES[resolved_dtype(c.dtype)]
         ids = shard.column("input_ids").to_pylist()
         masks = shard.column("loss_mask").to_pylist()
         valid = [i for i, err in enumerate(shard.column("token_error").to_pylist()) if err is None]

@@ -5,20 +5,20 @@ A signal column like the others: route keeps it on every row and never decides b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 
 import pyarrow as pa
 
-from curate import models, rewards
+from curate import rewards
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import Stage, model_field, no_effect
 
 
 @dataclass
 class RewardConfig:
-    reward_model: str                 # an AutoModelForSequenceClassification folder
-    device: str = "auto"
-    batch_tokens: int = 8192
+    reward_model: str = model_field(MISSING)  # an AutoModelForSequenceClassification folder
+    device: str = no_effect("auto")           # the scores agree across devices up to float rounding
+    batch_tokens: int = no_effect(8192)
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
 
 
@@ -27,9 +27,6 @@ class Reward(Stage):
     runs_model = True
     reads = ("messages", "tools")
     writes = pa.schema([("rm_score", pa.float32())])
-
-    def identity(self) -> dict:
-        return {"stage": self.name, "reward_model": models.identity(models.resolve(self.config.reward_model, self.config.trust_remote_code))}
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config

@@ -15,7 +15,7 @@ regenerates."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -58,11 +58,10 @@ class Rollout(Stage):
                         ("turn_score", pa.list_(pa.list_(pa.float64()))), ("rollout_error", pa.string())])
 
     def identity(self) -> dict:
-        c = self.config
-        own = {k: v for k, v in asdict(c).items() if k != "generation"}
-        if c.recorded:  # no model involved
-            return {"stage": self.name, "config": {**own, "samples": 1, "turns": 1}}
-        return {"stage": self.name, "config": own, "generation": generation.identity(c.generation)}
+        key = super().identity()
+        if self.config.recorded:  # no model involved: one recorded trajectory per record
+            key["config"] = {**key["config"], "generation": None, "samples": 1, "turns": 1}
+        return key
 
     def run(self, shard: pa.Table) -> pa.Table:
         records = shard.to_pylist()

@@ -76,7 +76,8 @@ def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold:
                 known: dict[str, np.ndarray] | None = None) -> pa.Table:
     """Join one shard's columns, keep rows with gradient norms, add scores and the route. Signal columns
     (rm_score, Prefix-RFT) are joined; Prefix-RFT ones are kept on the rows `prefix_rows` names (rl | all)
-    and null elsewhere. A column no stage computed is null. `known`: metrics already computed for the
+    and null elsewhere. A column no stage computed is null; ValueError for a column the routed schema
+    does not declare (never dropped silently). `known`: metrics already computed for the
     kept rows (the routing score from the corpus pass), not computed again."""
     keep = pc.invert(pc.is_null(probe.column("grad_norms")))
     if probe.column("grad_norms").null_count:  # else filtering would only copy every column
@@ -102,6 +103,10 @@ def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold:
         rl = pa.array(cols["route"] == "rl")
         for name in schema.PREFIX_COLUMNS:
             cols[name] = pc.if_else(rl, cols[name], pa.scalar(None, cols[name].type))
+    unknown = sorted(set(cols) - set(target.names))
+    if unknown:  # a signal stage's column the routed schema does not declare would vanish from the output
+        raise ValueError(f"column(s) {', '.join(unknown)} are not declared in schemas/routed.schema.json: "
+                         "declare them there (with their type) for the routed rows to carry them")
     n = len(ids)
     return pa.table({name: cols[name] if name in cols else pa.nulls(n, target.field(name).type)
                      for name in target.names}).cast(target)

@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 from curate import chat, models
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import Stage, model_field
 
 
 @dataclass
 class TokenizeConfig:
-    model: str | None = None          # whose tokenizer and chat template (the probe model's)
+    model: str | None = model_field()  # whose tokenizer and chat template (the probe model's)
     max_length: int | None = None     # cut the start of longer examples, keeping the last turns
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
     chat_template: str | None = None  # template text used instead of the tokenizer's (--chat-template FILE)
@@ -27,15 +27,12 @@ class TokenizeConfig:
 
 class Tokenize(Stage):
     name = "tokenize"
+    version = {"encoding": chat.ENCODING_VERSION}
     reads = ("messages", "tools")
     writes = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
                         ("n_tokens", pa.int64()), ("n_loss_tokens", pa.int64()), ("truncated", pa.bool_()),
                         ("token_error", pa.string()), ("tool_rendering", pa.string()),
                         ("unrendered", pa.list_(pa.string()))])
-
-    def identity(self) -> dict:
-        ref = models.resolve(self.config.model, self.config.trust_remote_code)
-        return {**super().identity(), "tokenizer": models.identity(ref), "encoding": chat.ENCODING_VERSION}
 
     def tokenizer(self):
         ref = models.resolve(self.config.model, self.config.trust_remote_code)

@@ -1,0 +1,72 @@
+"""Cache keys are derived from the stage configs: changing any field of any stage config changes the key
+of its shards, except fields marked as not affecting results (batch sizes, devices), which reuse them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from curate import generation, models
+from curate.stages.base import config_key
+from curate.stages.continuation import ContinuationConfig
+from curate.stages.pair_scores import PairScoresConfig
+from curate.stages.prefix import PrefixConfig
+from curate.stages.probe import ProbeConfig
+from curate.stages.reward import RewardConfig
+from curate.stages.rollout import RolloutConfig
+from curate.stages.tokenize import TokenizeConfig
+
+CONFIGS = {
+    ProbeConfig: {}, TokenizeConfig: {}, PrefixConfig: {}, RewardConfig: {"reward_model": "rm"},
+    PairScoresConfig: {}, RolloutConfig: {}, ContinuationConfig: {"stages": 2},
+    generation.GenerationConfig: {},
+}
+# a value unlike the default for each field (by name where the type allows few valid values)
+OTHER = {"dtype": "bf16", "device": "cpu", "engine": "hf", "verifier": "exact", "modules": ("q", "o"),
+         "stage": 1, "top_p": 0.5}
+
+
+@pytest.fixture(autouse=True)
+def identities_by_name(monkeypatch):
+    """Model fields are keyed by the model's identity: here its name, no weights to hash."""
+    monkeypatch.setattr(models, "identity_of", lambda spec, trust=False: {"name": spec or "embedded", "trust": trust})
+
+
+def changed(value, name):
+    if name in OTHER:
+        return OTHER[name]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, seed=value.seed + 1)
+    return "other"  # str or None
+
+
+@pytest.mark.parametrize("config_cls", list(CONFIGS), ids=lambda c: c.__name__)
+def test_every_field_changes_the_key_unless_marked(config_cls):
+    base = config_cls(**CONFIGS[config_cls])
+    for f in dataclasses.fields(base):
+        other = dataclasses.replace(base, **{f.name: changed(getattr(base, f.name), f.name)})
+        if "key" in f.metadata:  # keyed by its resolution here (engine auto -> hf on a machine without vllm)
+            assert config_key(other)[f.name] == f.metadata["key"](other), (config_cls.__name__, f.name)
+            continue
+        same = config_key(other) == config_key(base)
+        assert same is (f.metadata.get("affects_results", True) is False), (config_cls.__name__, f.name)
+
+
+def test_what_does_not_affect_results_is_declared_not_forgotten():
+    unmarked = {(c.__name__, f.name) for c in CONFIGS for f in dataclasses.fields(c)
+                if f.metadata.get("affects_results", True) is False}
+    assert unmarked == {("ProbeConfig", "device"), ("ProbeConfig", "batch_tokens"), ("RewardConfig", "device"),
+                        ("RewardConfig", "batch_tokens"), ("PairScoresConfig", "device"),
+                        ("PairScoresConfig", "batch_tokens"), ("GenerationConfig", "batch_tokens")}
+
+
+def test_a_resolved_field_is_keyed_by_its_resolution():
+    assert config_key(ProbeConfig(dtype="auto")) == config_key(ProbeConfig(dtype="fp32"))
+    assert config_key(ProbeConfig(dtype="auto")) != config_key(ProbeConfig(dtype="bf16"))
+    assert config_key(ProbeConfig())["model"] == {"name": "embedded", "trust": False}
+    assert config_key(PairScoresConfig())["ref_model"] is None  # None: the same model as π, not the default
