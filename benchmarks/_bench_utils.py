@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curate.stages.probe import _pad, token_batches
+from curate.batching import right_pad, token_batches
 
 
 @dataclass
@@ -43,7 +43,7 @@ def pack(examples, rows: list[int], batch_tokens: int, device: str) -> list[Batc
     batches = []
     for b in token_batches([len(examples[r][0]) for r in rows], batch_tokens):
         sel = [rows[i] for i in b]
-        ids, att, mask = _pad([examples[r][0] for r in sel], [examples[r][1] for r in sel], device)
+        ids, att, mask = right_pad([examples[r][0] for r in sel], [examples[r][1] for r in sel], device)
         batches.append(Batch(sel, ids, att, mask, int(att.sum())))
     return batches
 

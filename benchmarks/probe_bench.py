@@ -9,7 +9,7 @@ Prints one JSON object on stdout; progress goes to stderr.
 Methodology. One model (default: the embedded SmolLM2-135M-Instruct, fp32 weights), one process, one set
 of synthetic examples: random token ids with a fixed seed, the loss on the second half of each sequence
 (like an assistant reply), optionally mixed lengths. Examples are packed exactly as the probe stage packs
-them (curate.stages.probe.token_batches + _pad, right padding, `--batch-tokens` padded tokens a batch).
+them (curate.batching.token_batches + right_pad, right padding, `--batch-tokens` padded tokens a batch).
 The methods run alternately — train_step, probe, naive, opacus, train_step, probe, ... — so that drift in
 the machine's load hits them all alike: one warm-up round, then `--reps` timed rounds; we report the
 median. Tokens are real (unpadded) tokens.

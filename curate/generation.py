@@ -21,7 +21,7 @@ import torch
 from curate import chat, logprobs, models
 from curate.io.atomic import stable_hash
 from curate.stages.base import keyed, model_field, no_effect
-from curate.stages.probe import token_batches
+from curate.batching import left_pad, token_batches
 
 ENGINES = ("auto", "hf", "vllm")
 # What a per-record check lets through: errors that are never one record's (curate.chat's, and a model
@@ -157,7 +157,7 @@ def _generate_hf(ref: models.ModelRef, ids: list[list[int]], seeds: list[int], c
                              repetition_penalty=1.0, eos_token_id=stops, pad_token_id=tok.pad_token_id)
     out: list[str | None] = [None] * len(ids)
     for batch in token_batches([len(x) + cfg.max_new_tokens for x in ids], cfg.batch_tokens):
-        input_ids, attention = _left_pad([ids[b] for b in batch], tok.pad_token_id, device)
+        input_ids, attention = left_pad([ids[b] for b in batch], tok.pad_token_id, device)
         procs = LogitsProcessorList()
         if cfg.temperature > 0:
             procs.append(RowSampler([seeds[b] for b in batch], cfg.temperature, cfg.top_p))
@@ -177,17 +177,6 @@ def _stop_ids(tok) -> list[int]:
         if isinstance(i, int) and i != tok.unk_token_id and i is not None and i >= 0:
             ids.add(i)
     return sorted(i for i in ids if i is not None)
-
-
-def _left_pad(ids: list[list[int]], pad: int, device: str):
-    """Left padding: every row's next token is at the same position, as batched decoding needs."""
-    t = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), t), pad, dtype=torch.long)
-    attention = torch.zeros(len(ids), t, dtype=torch.long)
-    for r, x in enumerate(ids):
-        input_ids[r, t - len(x):] = torch.tensor(x, dtype=torch.long)
-        attention[r, t - len(x):] = 1
-    return input_ids.to(device), attention.to(device)
 
 
 def _decode(tok, row: list[int], stops: list[int]) -> str:

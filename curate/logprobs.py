@@ -41,13 +41,13 @@ def sequence_logps(model, pairs: list[tuple[list[int], list[int]]], batch_tokens
     are packed by length into right-padded batches (the LM head runs on reply positions only); order is
     preserved."""
     from curate.gradients import target_logps
-    from curate.stages.probe import _pad, token_batches
+    from curate.batching import right_pad, token_batches
 
     out = np.zeros(len(pairs), dtype=np.float64)
     seqs = [c + r for c, r in pairs]
     masks = [[0] * len(c) + [1] * len(r) for c, r in pairs]
     for batch in token_batches([len(s) for s in seqs], batch_tokens):
-        ids, attention, mask = _pad([seqs[b] for b in batch], [masks[b] for b in batch], device)
+        ids, attention, mask = right_pad([seqs[b] for b in batch], [masks[b] for b in batch], device)
         rows, logp = target_logps(model, ids, attention, mask, dtype=torch.float64)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=logp.device).index_add_(0, rows, logp)
         out[batch] = sums.cpu().numpy()

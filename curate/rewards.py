@@ -36,7 +36,7 @@ def score(spec: str, conversations: list[list[dict]], device: str = "auto",
           batch_tokens: int = 8192, trust_remote_code: bool = False,
           tools: list[list[dict] | None] | None = None) -> np.ndarray:
     """One float score per conversation (float32 values); `tools`: each one's function schemas or None."""
-    from curate.stages.probe import token_batches
+    from curate.batching import token_batches
 
     ref = models.resolve(spec, trust_remote_code)
     dev = models.resolve_device(device)

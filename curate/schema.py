@@ -59,7 +59,6 @@ ROUTED = "routed"
 # Columns a routed row has beyond the canonical record, written by the signal stages.
 TOKEN_COLUMNS = ("n_tokens", "n_loss_tokens", "truncated")
 PROBE_COLUMNS = ("probe_loss", "grad_norms", "grad_norm_total")
-SCORE_COLUMNS = ("gini", "cv", "kurtosis", "magnitude", "random")
 PREFIX_COLUMNS = ("demo", "demo_len_tokens", "cut_points")
 METRICS = ("gini", "cv", "kurtosis", "magnitude", "random")
 NORM_METRICS = ("gini", "cv", "kurtosis", "magnitude")  # functions of the norms alone: the probe stores them

@@ -30,7 +30,6 @@ class Verdict(NamedTuple):
 
 
 Verifier = Callable[[dict, str], Verdict]
-BUILTIN = ("math", "exact", "recorded")
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")

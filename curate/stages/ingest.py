@@ -67,7 +67,6 @@ class IngestConfig:
 
 @dataclass
 class IngestResult:
-    shards: list[pa.Table] = field(default_factory=list)
     quarantine: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=lambda: {"input": 0, "duplicates": 0, "quarantined": 0})
     notes: dict = field(default_factory=dict)  # note -> records kept (not duplicates) that have it

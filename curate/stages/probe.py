@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from curate import gradients, models, roles, schema
+from curate.batching import right_pad, token_batches
 from curate.stages import route
 from curate.stages.base import Stage, keyed, model_field, no_effect
 
@@ -33,20 +34,6 @@ class ProbeConfig:
     modules: tuple[str, ...] = ()              # (): every role the architecture map finds (curate.roles)
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
     allow_partial: bool = False       # probe what the map places when some layer matrices are unplaced
-
-
-def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest-first so that len(batch) * longest <= batch_tokens (one at least)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def resolved_dtype(dtype: str) -> str:
@@ -87,7 +74,7 @@ class Probe(Stage):
         start, n_tok = time.perf_counter(), 0
         for batch in token_batches([len(ids[i]) for i in valid], c.batch_tokens):
             rows = [valid[b] for b in batch]
-            input_ids, attention, loss_mask = _pad([ids[r] for r in rows], [masks[r] for r in rows], device)
+            input_ids, attention, loss_mask = right_pad([ids[r] for r in rows], [masks[r] for r in rows], device)
             res = gradients.probe_batch(model, rmap, input_ids, attention, loss_mask, autocast)
             loss[rows] = res.loss.cpu().numpy()
             sq[rows] = res.sq_norms.double().cpu().numpy()
@@ -106,16 +93,3 @@ class Probe(Stage):
         for name, column in route.norm_metric_columns(out.column("grad_norms")).items():
             out = out.append_column(name, column)
         return self.check(shard, out)
-
-
-def _pad(ids: list[list[int]], masks: list[list[int]], device: str):
-    """Right padding: causal attention keeps pads from touching real tokens."""
-    t = max(len(x) for x in ids)
-    input_ids = torch.zeros(len(ids), t, dtype=torch.long)
-    attention = torch.zeros(len(ids), t, dtype=torch.long)
-    loss_mask = torch.zeros(len(ids), t, dtype=torch.long)
-    for r, (x, m) in enumerate(zip(ids, masks)):
-        input_ids[r, : len(x)] = torch.tensor(x)
-        attention[r, : len(x)] = 1
-        loss_mask[r, : len(m)] = torch.tensor(m)
-    return input_ids.to(device), attention.to(device), loss_mask.to(device)
