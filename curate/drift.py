@@ -8,7 +8,6 @@ seconds. Output follows routed/: Arrow stream shards and the manifest built besi
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,7 @@ from curate.config import DriftConfig
 from curate.executors import make_executor
 from curate.io import output
 from curate.io.atomic import clean_stale_temps, read_arrow, stable_hash, write_arrow, write_json, write_jsonl
+from curate.io.quarantine import quarantine_row, reconcile
 from curate.io.routed import provenance, read_jsonl
 from curate.messages import compact_all
 from curate.pipeline import run_ingest, run_sharded, timed
@@ -66,13 +66,8 @@ def shard_rows(records: pa.Table, rollout: pa.Table, rcfg: ReturnConfig, recorde
 
 
 def _rollout_quarantine(records: pa.Table, rollout: pa.Table) -> list[dict]:
-    out = []
-    for rec, err in zip(records.to_pylist(), rollout.column("rollout_error").to_pylist()):
-        if err is not None:
-            out.append({"source": rec["source"], "source_index": rec["source_index"], "stage": "rollout",
-                        "reason": err, "raw": json.dumps({"messages": compact_all(rec["messages"]), "tools": rec.get("tools")},
-                                                         ensure_ascii=False)[:65536]})
-    return out
+    return [quarantine_row(rec, "rollout", err)
+            for rec, err in zip(records.to_pylist(), rollout.column("rollout_error").to_pylist()) if err is not None]
 
 
 def run_drift(cfg: DriftConfig) -> dict:
@@ -121,8 +116,7 @@ def _run_drift(cfg: DriftConfig) -> dict:
               "quarantined_ingest": ic["quarantined"], "quarantined_rollout": len(quarantine) - ic["quarantined"],
               "prompts": prompts, "prompts_dropped": prompts_dropped, "sft": ws["rows"],
               "rows_dropped": ws["rows_dropped"], "successes": int(np.sum(np.asarray(success)[weighted.keep]))}
-    if counts["input"] != prompts + prompts_dropped + counts["quarantined"] + counts["duplicates"]:
-        raise RuntimeError(f"counts do not reconcile, a record was lost: {counts}")
+    reconcile(counts, "prompts", "prompts_dropped", "quarantined", "duplicates")
     solved = [t for t in t_star if t is not None]
     gen = cfg.generation()
     manifest = {

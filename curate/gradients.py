@@ -92,8 +92,12 @@ class _Capture:
         self.applied.add((id(site), key))
         if tokens is None and a.dim() == 2 and a.shape[0] == b * t:
             a = a.reshape(b, t, -1)  # flattened (B*T, d): MoE blocks' routers and shared experts
-        elif tokens is None and (a.dim() != 3 or tuple(a.shape[:2]) != (b, t)):
-            raise RuntimeError(f"{name}: input of shape {tuple(a.shape)} is neither the batch's ({b}, {t}, d) nor "
+        elif tokens is None and a.dim() >= 3 and a.shape[0] == b and a.shape[:-1] == out.shape[:-1]:
+            # (B, ..., d): every row of example i is under index i (DeepSeek's kv_b_proj sees (B, 1, T, d));
+            # the per-example sum over rows does not depend on their order
+            a = a.reshape(b, -1, a.shape[-1])
+        elif tokens is None:
+            raise RuntimeError(f"{name}: input of shape {tuple(a.shape)} is neither the batch's ({b}, ..., d) nor "
                                f"its {b * t} flattened tokens; the probe cannot tell which example each row is")
         a = a.detach()  # a view: no copy, shared by the layers that read this input
         version = a._version
@@ -105,7 +109,7 @@ class _Capture:
             if a._version != version:  # a view would silently see an in-place change
                 raise RuntimeError(f"{name}: its input was modified in place after forward")
             if tokens is None:
-                norms = per_example_block_sq_norms(a, grad.reshape(b, t, -1), blocks)
+                norms = per_example_block_sq_norms(a, grad.reshape(b, a.shape[1], -1), blocks)
             else:
                 ex = torch.div(tokens, t, rounding_mode="floor")
                 norms = per_example_block_sq_norms(_by_example(a, ex, b), _by_example(grad, ex, b), blocks)

@@ -11,7 +11,6 @@ with OUT/stage_index/ (every record's stage) and OUT/quarantine/."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,8 +25,8 @@ from curate.config import IrftConfig
 from curate.executors import make_executor
 from curate.io import output
 from curate.io.atomic import clean_stale_temps, jsonl_writer, read_arrow, write_arrow, write_json
+from curate.io.quarantine import quarantine_row, reconcile
 from curate.io.routed import provenance
-from curate.messages import compact_all
 from curate.pipeline import run_ingest, run_sharded, timed
 from curate.report import try_write_report
 from curate.stages.continuation import Continuation
@@ -126,10 +125,7 @@ def _run_irft(cfg: IrftConfig) -> dict:
                                          "stage": c_tab.column("stage")}))
             for rec, err in zip(records.to_pylist(), c_tab.column("pair_error").to_pylist()):
                 if err is not None:
-                    quarantine.write({"source": rec["source"], "source_index": rec["source_index"],
-                                      "stage": "continuation", "reason": err,
-                                      "raw": json.dumps({"messages": compact_all(rec["messages"]),
-                                                         "tools": rec.get("tools")}, ensure_ascii=False)[:65536]})
+                    quarantine.write(quarantine_row(rec, "continuation", err))
             valid = c_tab.column("pair_error").null_count
             rows, dropped = pair_rows(records, c_tab, read_arrow(s_scr["path"]), cfg.stage, cfg.beta, generator)
             counts["identical"] += dropped
@@ -148,9 +144,7 @@ def _run_irft(cfg: IrftConfig) -> dict:
 
     ic = ing["counts"]
     counts = {"input": ic["input"], "duplicates": ic["duplicates"], "quarantined": quarantine.count, **counts}
-    if counts["input"] != sum(counts[k] for k in ("pairs", "identical", "other_stages", "quarantined",
-                                                  "duplicates")):
-        raise RuntimeError(f"counts do not reconcile, a record was lost: {counts}")
+    reconcile(counts, "pairs", "identical", "other_stages", "quarantined", "duplicates")
     has_rm = cfg.reward_model is not None
     manifest = {
         "curate_version": curate.__version__,

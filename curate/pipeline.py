@@ -128,6 +128,7 @@ def timed(timings: dict, name: str):
 
 def run_prism(cfg: PrismConfig) -> dict:
     """The whole job, holding the locks of OUT and WORK (io.output); returns the manifest it wrote."""
+    Probe(cfg.probe()).describe()  # a model the architecture map refuses stops here: no folder is touched
     with output.job_folders(Path(cfg.out).resolve(), cfg.work_dir, cfg.input):
         return _run_prism(cfg)
 
@@ -138,7 +139,6 @@ def _run_prism(cfg: PrismConfig) -> dict:
     # the shards are about to change: `curate route` must not trust this state again until it is rewritten
     (work / STATE).unlink(missing_ok=True)
     probe = Probe(cfg.probe())
-    probe.describe()  # a model the architecture map refuses stops here, before any shard is written
     cfg.route()  # validate routing options before hours of probing
     executor = make_executor(cfg.workers, cfg.scheduler)
     timings, cache = {}, {}

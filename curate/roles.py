@@ -318,7 +318,8 @@ def _spans(layers: list[int]) -> str:
 
 def _check_coverage(model, found, unprobed) -> None:
     """Every weight matrix placed, and every layer a complete attention block and a complete MLP."""
-    problems = [f"not placed by any role: {', '.join(unprobed)}"] if unprobed else []
+    names = list(dict.fromkeys(_leaf(p.rsplit(".", 1)[0]) if p.endswith(".weight") else _leaf(p) for p in unprobed))
+    problems = [f"not placed by any role: {' '.join(names)} (e.g. {unprobed[0]})"] if unprobed else []
     for layer, roles in _roles_by_layer(found).items():
         have = set(roles)
         dupes = sorted({r for r in roles if roles.count(r) > 1})
@@ -332,7 +333,7 @@ def _check_coverage(model, found, unprobed) -> None:
             f"{type(model).__name__}: curate's architecture map does not cover this model: "
             + "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
             + ". Choose what to probe with --modules ROLE_OR_NAME ... (roles: " + " ".join(ROLE_ORDER)
-            + "; or the module names above), or pass --allow-partial to probe what was placed "
+            + "; or module names such as those above), or pass --allow-partial to probe what was placed "
             "(recorded in the manifest)")
 
 
@@ -343,9 +344,9 @@ def _select(found, modules, dec, prefix):
     from transformers.pytorch_utils import Conv1D
 
     chosen, seen = [], set()
-    for item in modules:
-        hits = [f for f in found if f[1] == item or _leaf(f[2]) == item]
-        if not hits:
+    for item in modules:  # a role name selects that role only (`gate` is never Mixtral's router module)
+        hits = [f for f in found if (f[1] == item if item in ROLE_ORDER else _leaf(f[2]) == item)]
+        if not hits and item not in ROLE_ORDER:
             for path, mod in dec.named_modules():
                 layer = _LAYER.search(path + ".")
                 if path.rsplit(".", 1)[-1] == item and layer and isinstance(mod, (nn.Linear, Conv1D)):

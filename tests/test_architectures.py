@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from curate.roles import DENSE_ROLES, NotCovered, role_map
+from curate.stages.probe import ProbeConfig
 from tests.test_gradients import assert_matches_autograd, make_examples, probe
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -188,13 +189,18 @@ def test_an_unmapped_layout_is_refused_with_the_matrices_and_the_options():
     with pytest.raises(NotCovered) as e:
         role_map(model)
     message = str(e.value)
-    assert "model.layers.0.self_attn.kv_b_proj.weight" in message and "layer 0 yields roles o gate up down" in message
+    assert "not placed by any role: q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj (e.g. model.layers.0.self_attn" \
+        ".q_a_proj.weight)" in message and "layer 0 yields roles o gate up down" in message
     assert "--modules" in message and "--allow-partial" in message
     partial = role_map(model, allow_partial=True)
     assert layer_roles(partial) == {0: ("o", "gate", "up", "down"), 1: (
         "o", "router", "expert_gate", "expert_up", "expert_down", "shared_gate", "shared_up", "shared_down")}
     assert partial.describe()["partial"] and len(partial.describe()["unprobed"]) == 8
     assert_matches_autograd(model, make_examples(2), partial)
+    # the names the message gives, probed whole: kv_b_proj reads (B, 1, T, d), rows still per example
+    named = role_map(model, ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"))
+    assert len(named.entries) == 10
+    assert_matches_autograd(model, make_examples(2), named)
 
 
 def test_modules_choose_roles_or_names():
@@ -207,6 +213,12 @@ def test_modules_choose_roles_or_names():
         "model.layers.0.self_attn.qkv_proj[k]", "model.layers.0.self_attn.qkv_proj[v]"]
     with pytest.raises(ValueError, match="roles found: q k v o gate up down; module names: .*qkv_proj"):
         role_map(model, ("w_in",))
+    mixtral = build("mixtral")  # a role name is only a role: `gate` is not Mixtral's router module `gate`
+    with pytest.raises(ValueError, match="--modules gate: no role"):
+        role_map(mixtral, ("gate",))
+    assert {e.role for e in role_map(mixtral, ("router",)).entries} == {"router"}
+    with pytest.raises(ValueError, match="--allow-partial with --modules"):
+        ProbeConfig(modules=("q",), allow_partial=True)
 
 
 def test_a_weight_whose_gradient_never_arrives_is_an_error():
@@ -291,7 +303,7 @@ def test_prism_refuses_an_uncovered_model_before_any_work_and_records_allow_part
     assert main(prism_args(corpus, out, str(folder))) == 2
     err = capsys.readouterr().err
     assert "kv_b_proj" in err and "--allow-partial" in err
-    assert not (out / ".work" / "ingest").exists()  # refused before ingest
+    assert not out.exists()  # refused before any folder is touched
     assert main(prism_args(corpus, out, str(folder), "--allow-partial")) == 0
     record = json.loads((out / "manifest.json").read_text())["probe_map"]
     assert record["partial"] and len(record["unprobed"]) == 8 and record["model_class"] == "DeepseekV3ForCausalLM"

@@ -24,6 +24,7 @@ CONFIGS = {
 }
 # a value unlike the default for each field (by name where the type allows few valid values)
 OTHER = {"dtype": "bf16", "device": "cpu", "engine": "hf", "verifier": "exact", "modules": ("q", "o"),
+         "allow_partial": True,
          "stage": 1, "top_p": 0.5}
 
 
@@ -31,6 +32,8 @@ OTHER = {"dtype": "bf16", "device": "cpu", "engine": "hf", "verifier": "exact", 
 def identities_by_name(monkeypatch):
     """Model fields are keyed by the model's identity: here its name, no weights to hash."""
     monkeypatch.setattr(models, "identity_of", lambda spec, trust=False: {"name": spec or "embedded", "trust": trust})
+    real = models.resolve  # "other" (a changed model field) stands for the embedded model's structure
+    monkeypatch.setattr(models, "resolve", lambda spec, trust=False: real(None if spec == "other" else spec, trust))
 
 
 def changed(value, name):
@@ -60,7 +63,8 @@ def test_every_field_changes_the_key_unless_marked(config_cls):
 def test_what_does_not_affect_results_is_declared_not_forgotten():
     unmarked = {(c.__name__, f.name) for c in CONFIGS for f in dataclasses.fields(c)
                 if f.metadata.get("affects_results", True) is False}
-    assert unmarked == {("ProbeConfig", "device"), ("ProbeConfig", "batch_tokens"), ("RewardConfig", "device"),
+    assert unmarked == {("ProbeConfig", "device"), ("ProbeConfig", "batch_tokens"), ("ProbeConfig", "allow_partial"),
+                        ("RewardConfig", "device"),
                         ("RewardConfig", "batch_tokens"), ("PairScoresConfig", "device"),
                         ("PairScoresConfig", "batch_tokens"), ("GenerationConfig", "batch_tokens")}
 
@@ -70,3 +74,7 @@ def test_a_resolved_field_is_keyed_by_its_resolution():
     assert config_key(ProbeConfig(dtype="auto")) != config_key(ProbeConfig(dtype="bf16"))
     assert config_key(ProbeConfig())["model"] == {"name": "embedded", "trust": False}
     assert config_key(PairScoresConfig())["ref_model"] is None  # None: the same model as π, not the default
+    # what the probe measures is keyed by the entries it resolves to, not by how they were asked for
+    assert config_key(ProbeConfig(modules=("k", "q")))["modules"] == config_key(ProbeConfig(modules=("q", "k")))[
+        "modules"] == [f"model.layers.{n}.self_attn.{m}_proj" for n in range(30) for m in "qk"]
+    assert config_key(ProbeConfig(allow_partial=True)) == config_key(ProbeConfig())  # a covered model

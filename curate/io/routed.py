@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import curate
 from curate.io import output
 from curate.io.atomic import jsonl_writer, read_arrow, write_arrow, write_json
-from curate.messages import compact_all
+from curate.io.quarantine import quarantine_rows, reconcile
 from curate.stages import route
 
 PARTITIONS = ("sft", "rl")
@@ -104,7 +104,7 @@ def _route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg:
         if subset.num_rows:
             name = f"{part}/part-{i:05d}.arrow"
             written[part] = (name, subset.num_rows, write_arrow(staging / name, subset))
-    bad = _token_quarantine(records, tokens) + _quarantine_rows(
+    bad = _token_quarantine(records, tokens) + quarantine_rows(
         records.filter(overflow), "probe", "the probe's loss or gradient norms are not finite on this example "
         "(the model overflows on it; try --dtype fp32)")
     return bad, truncated, written, template
@@ -117,18 +117,7 @@ def _counts(counter: Counter, kind: str) -> dict[str, int]:
 
 def _token_quarantine(records: pa.Table, tokens: pa.Table) -> list[dict]:
     bad = pc.invert(pc.is_null(tokens.column("token_error")))
-    return _quarantine_rows(records.filter(bad), "tokenize", tokens.column("token_error").filter(bad).to_pylist())
-
-
-def _quarantine_rows(records: pa.Table, stage: str, reasons: list[str] | str) -> list[dict]:
-    """Quarantine rows of `records` at `stage`, one reason each (or one for all)."""
-    rows = []
-    for i, rec in enumerate(records.to_pylist()):
-        raw = json.dumps({"messages": compact_all(rec["messages"]), "tools": rec.get("tools")},
-                         ensure_ascii=False)[:65536]
-        rows.append({"source": rec["source"], "source_index": rec["source_index"], "stage": stage,
-                     "reason": reasons if isinstance(reasons, str) else reasons[i], "raw": raw})
-    return rows
+    return quarantine_rows(records.filter(bad), "tokenize", tokens.column("token_error").filter(bad).to_pylist())
 
 
 class NothingRouted(ValueError):
@@ -199,8 +188,7 @@ def write(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
         "versions": versions(),
     }
     c = manifest["counts"]
-    if c["input"] != c["sft"] + c["rl"] + c["quarantined"] + c["duplicates"]:
-        raise RuntimeError(f"counts do not reconcile, a record was lost: {c}")
+    reconcile(c, "sft", "rl", "quarantined", "duplicates")
     write_json(staging / "manifest.json", manifest)
     output.commit(out)
     if not c["sft"] + c["rl"]:

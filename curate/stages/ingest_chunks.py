@@ -16,9 +16,9 @@ import pyarrow as pa
 
 from curate import schema
 from curate.formats import adapters
+from curate.io.quarantine import RAW_LIMIT
 from curate.io.readers import RawError, parse_json_line
 
-RAW_LIMIT = 64 * 1024  # quarantine keeps at most this much of a bad record's text
 CHUNK_BYTES = 1 << 18  # JSON-lines chunk: ~1k typical records; a widened pipe queues one more
 CHUNK_ITEMS = 4096     # records per chunk for the other readers
 _FRAME = struct.Struct("<QQ")

@@ -31,9 +31,17 @@ class ProbeConfig:
     device: str = no_effect("auto")            # auto: cuda when present; fp32 results agree across devices
     dtype: str = keyed("auto", lambda c: resolved_dtype(c.dtype))  # auto: fp32 (see resolved_dtype)
     batch_tokens: int = no_effect(4096)        # padded tokens per forward/backward (~1.7 MB each for SmolLM2)
-    modules: tuple[str, ...] = ()              # (): every role the architecture map finds (curate.roles)
+    # (): every role the architecture map finds (curate.roles); keyed by the entries it resolves to, so
+    # `k q v`, `q k v` and `qkv_proj` on Phi-3 share a cache, and so do a covered model with and without
+    # --allow-partial (whose effect is in those entries)
+    modules: tuple[str, ...] = keyed((), lambda c: Probe(c).describe()["modules"])
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
-    allow_partial: bool = False       # probe what the map places when some layer matrices are unplaced
+    allow_partial: bool = no_effect(False)  # probe what the map places when some layer matrices are unplaced
+
+    def __post_init__(self):
+        if self.modules and self.allow_partial:
+            raise ValueError("--allow-partial with --modules: --modules probes exactly what it names (what it "
+                             "leaves out is recorded); drop one of them")
 
 
 def resolved_dtype(dtype: str) -> str:
