@@ -23,10 +23,10 @@ from curate.formats.export import common
 KIND = EXT = "parquet"
 PARTITIONS = ("sft", "rl")
 UNSUPPORTED = {"pairs": "verl has no preference-pair (DPO) trainer; export pairs with --to trl or openrlhf"}
-# Columns copied into extra_info when present (reward functions receive extra_info).
+# Columns of a routed RL row copied into extra_info when present (reward functions receive extra_info).
 EXTRA_INFO = ("id", "source", "source_index", "format", "reward", "score", "gini", "cv", "kurtosis",
-              "probe_loss", "grad_norm_total", "route", "threshold", "weight", "return", "rm_score",
-              "implicit_reward", "demo_len_tokens", "cut_points", "tools")
+              "probe_loss", "grad_norm_total", "route", "threshold", "rm_score", "demo_len_tokens", "cut_points",
+              "tools")
 
 
 def convert(partition: str, table: pa.Table, path: Path, offset: int, part: common.Partition,
