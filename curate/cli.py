@@ -6,6 +6,7 @@ use by another run; nothing routed); 130 interrupted (Ctrl-C; rerun to resume); 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -90,19 +91,16 @@ def _irft_summary(manifest: dict, out: str) -> str:
             f"  {out}/pairs/  {out}/stage_index/  {out}/quarantine/  {out}/manifest.json")
 
 
+# job -> (module, its function running the job's config, the summary of the manifest it returns); the
+# modules are imported only when their job runs
+RUNNERS = {"prism": ("curate.pipeline", "run_prism", _summary), "drift": ("curate.drift", "run_drift", _drift_summary),
+           "irft": ("curate.irft", "run_irft", _irft_summary)}
+
+
 def run_job(job: str, cfg) -> str:
     """Run a job's config; its one-paragraph summary."""
-    if job == "drift":
-        from curate.drift import run_drift
-
-        return _drift_summary(run_drift(cfg), cfg.out)
-    if job == "irft":
-        from curate.irft import run_irft
-
-        return _irft_summary(run_irft(cfg), cfg.out)
-    from curate.pipeline import run_prism
-
-    return _summary(run_prism(cfg), cfg.out)
+    module, function, summary = RUNNERS[job]
+    return summary(getattr(importlib.import_module(module), function)(cfg), cfg.out)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -117,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from curate import config  # here, not at import: a Ctrl-C during its imports is then caught by main
+    from curate.formats.export import TARGETS
 
     parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a routed folder as the files one trainer reads")
     p.add_argument("--routed", required=True, help="a curate output folder (sft/, rl/, optional pairs/, manifest.json)")
-    p.add_argument("--to", required=True, choices=("trl", "verl", "openrlhf", "llamafactory"), help="target trainer")
+    p.add_argument("--to", required=True, choices=tuple(TARGETS), help="target trainer")
     p.add_argument("--out", required=True, help="export folder (replaced as a whole; see docs/exports.md)")
     p.set_defaults(func=cmd_export)
 

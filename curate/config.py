@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from curate import models
+from curate.formats.adapters import FORMATS
 from curate.generation import ENGINES, GenerationConfig
 from curate.returns import ReturnConfig
 from curate.schema import METRICS
@@ -28,8 +29,7 @@ from curate.stages.route import RouteConfig
 from curate.stages.tokenize import TokenizeConfig
 from curate.stages.weights import ALL_FAIL, WeightsConfig
 
-FORMAT_CHOICES = ("auto", "messages", "prompt_completion", "question_answer", "alpaca", "sharegpt", "hh",
-                  "transcript", "actions", "webshop_session")
+FORMAT_CHOICES = ("auto", *FORMATS)
 
 
 def opt(default, help: str, **kw):

@@ -196,3 +196,14 @@ def test_dask_workers_write_the_same_bytes(raw_dir, tmp_path, tiny_model_dir):
     assert prism(raw_dir, dask, tiny_model_dir, "--workers", "2") == 0
     files = lambda out: {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("[sr]*/*.arrow"))}
     assert files(local) and files(local) == files(dask)
+
+
+def test_every_job_has_a_runner_and_the_cli_reads_choices_from_the_registries():
+    from curate import cli, config
+    from curate.formats.adapters import FORMATS
+    from curate.formats.export import TARGETS
+
+    assert set(cli.RUNNERS) == set(config.JOBS)
+    assert config.FORMAT_CHOICES == ("auto", *FORMATS)
+    to = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["export"]._actions if a.dest == "to")
+    assert tuple(to.choices) == tuple(TARGETS)
