@@ -125,8 +125,8 @@ def role_map(model: nn.Module, modules: tuple[str, ...] = (), allow_partial: boo
 
     modules: () for every role the map finds, with the coverage check; otherwise PRISM role names and/or
     module names (the last component, e.g. `qkv_proj`, `query_key_value`), each of which must match.
-    Raises NotCovered (a ValueError) naming the unplaced matrices and the options, ValueError for a
-    `modules` item that matches nothing."""
+    Raises NotCovered (a ValueError) naming the unplaced matrices and the options; ValueError for a
+    `modules` item that matches nothing, or a probed weight that several modules share."""
     dec = decoder(model)
     prefix = next((n + "." for n, m in model.named_modules() if m is dec and n), "")
     model_type = getattr(getattr(dec, "config", None) or model.config, "model_type", "")
