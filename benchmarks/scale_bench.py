@@ -5,11 +5,11 @@
 Prints one JSON object on stdout (progress on stderr).
 
 What is measured, per size N, each in a fresh Python process (so peak RSS belongs to that size alone):
-  ingest  curate.pipeline.run_ingest on one JSONL file of N synthetic records: read, parse, detect the
+  ingest  curate.engine.shards.run_ingest on one JSONL file of N synthetic records: read, parse, detect the
           format, normalise, content-hash ids, drop duplicates, quarantine bad records, write Arrow
           shards and the quarantine file. Records: 60% prompt/completion (GSM8K-like, "#### N" answers),
           35% OpenAI messages (3-5 turns), 1% exact duplicates, 4% bad (truncated JSON, empty content).
-  route   curate.io.routed.write: corpus threshold over every shard's scores (gini, cv, kurtosis,
+  route   curate.jobs.prism.write_routed: corpus threshold over every shard's scores (gini, cv, kurtosis,
           magnitude, random), then per shard the join of records + token + probe columns, the route,
           sft/rl Arrow shards, the quarantine file (streamed) and manifest.json.
 Not measured: tokenize and the gradient probe (model-bound; see probe_bench.py). Their cache shards are
@@ -87,7 +87,7 @@ def synthetic_signal_shards(ing: dict, work: Path, n_modules: int) -> tuple[list
     import pyarrow as pa
 
     from curate.io.atomic import write_arrow
-    from curate.stages import route
+    from curate.corpus import route
 
     rng = np.random.default_rng(0)
     tok, prb = [], []
@@ -113,7 +113,7 @@ HELPER_PEAKS_MB: list[float] = []
 def record_helper_peaks() -> None:
     """Each parse helper's peak RSS (VmHWM, Linux), read just before it is closed. (ru_maxrss of
     children would report the parent's size at fork instead.)"""
-    from curate.stages import ingest_pool
+    from curate.ingest import pool as ingest_pool
 
     close = ingest_pool.Helper.close
 
@@ -131,7 +131,7 @@ def record_helper_peaks() -> None:
 def calibration_us(tmp: Path) -> float:
     """This machine's speed right now: the best of 5 single-process parses of the same 5,000 synthetic
     records, in µs a record. Throughput moves with it; compare runs by it."""
-    from curate.stages.ingest_chunks import normalize_lines
+    from curate.ingest.chunks import normalize_lines
 
     synthetic_jsonl(tmp / "calibration.jsonl", 5000, seed=1)
     data = (tmp / "calibration.jsonl").read_bytes()
@@ -152,12 +152,13 @@ def rss_mb() -> float:
 def one_size(n: int, shard_size: int, n_modules: int) -> dict:
     """Runs in a child process: one size, timed phases, peak RSS."""
     from curate.config import PrismConfig
-    from curate.io import routed
-    from curate.pipeline import run_ingest
-    from curate.stages.ingest import helper_count
-    from curate.stages.route import RouteConfig
+    from curate.engine.outputs import versions
+    from curate.engine.shards import run_ingest
+    from curate.jobs.prism import write_routed
+    from curate.ingest.ingest import helper_count
+    from curate.corpus.route import RouteConfig
 
-    routed.versions()  # imports torch/transformers/datasets, as a real run has by route time: not timed
+    versions()  # imports torch/transformers/datasets, as a real run has by route time: not timed
     record_helper_peaks()
     baseline = rss_mb()
     with tempfile.TemporaryDirectory(prefix="curate-scale-") as tmp:
@@ -173,7 +174,7 @@ def one_size(n: int, shard_size: int, n_modules: int) -> dict:
                  "model": {"name": "synthetic"}, "modules": [f"m{i}" for i in range(n_modules)],
                  "timings": {"ingest": t_ingest}, "cache": {}}
         t0 = time.perf_counter()
-        manifest = routed.write(state, RouteConfig(), Path(cfg.out))
+        manifest = write_routed(state, RouteConfig(), Path(cfg.out))
         t_route = time.perf_counter() - t0
         helpers = helper_count(cfg.ingest(), [Path(f["path"]) for f in ing["files"]])
     c = manifest["counts"]

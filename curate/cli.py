@@ -6,7 +6,6 @@ use by another run; nothing routed); 130 interrupted (Ctrl-C; rerun to resume); 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 
@@ -14,53 +13,34 @@ class InputError(Exception):
     """Bad input or usage: exit code 2."""
 
 
-def _summary(manifest: dict, out: str) -> str:
-    from curate import roles
-
-    c, r = manifest["counts"], manifest["routing"]
-    return (f"routed {c['sft'] + c['rl']} of {c['input']} records by {r['metric']} "
-            f"(threshold {r['threshold']:.6g}): sft {c['sft']}, rl {c['rl']}; "
-            f"quarantined {c['quarantined']}, duplicates {c['duplicates']}, truncated {c['truncated']}\n"
-            f"  {out}/sft/  {out}/rl/  {out}/quarantine/  {out}/manifest.json"
-            + (f"\n  probed {roles.summary(manifest['probe_map'])}" if manifest.get("probe_map") else ""))
-
-
 def cmd_job(args: argparse.Namespace) -> int:
     """prism, drift, irft: the subcommand's flags -> its job config -> the run's summary."""
     from curate import config
+    from curate.jobs import JOBS
 
-    print(run_job(args.command, config.from_args(args, config.JOBS[args.command])))
+    print(run_job(args.command, config.from_args(args, JOBS[args.command].config)))
     return 0
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from curate.pipeline import reroute
-    from curate.stages.route import RouteConfig
+    from curate.corpus.route import RouteConfig
+    from curate.jobs.prism import PrismJob
+    from curate.jobs.reroute import reroute
 
     names = ("metric", "quantile", "threshold", "reverse", "seed")
     rcfg = RouteConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
-    print(_summary(reroute(args.work, args.out, rcfg), args.out))
+    print(PrismJob.summary(reroute(args.work, args.out, rcfg), args.out))
     return 0
-
-
-def _drift_summary(manifest: dict, out: str) -> str:
-    c, w = manifest["counts"], manifest["weights"]
-    ess = f"{w['ess']:.1f} of {c['sft']}" if c["sft"] else "n/a"
-    return (f"drift: {c['sft']} weighted trajectories from {c['prompts']} of {c['input']} records "
-            f"({c['successes']} successful; ESS {ess}); all-fail groups {w['groups_all_fail']} "
-            f"({w['all_fail']}: {c['prompts_dropped']} records dropped), clipped {w['clipped']}; "
-            f"quarantined {c['quarantined']}, duplicates {c['duplicates']}\n"
-            f"  {out}/sft/  {out}/quarantine/  {out}/manifest.json")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from curate.io import output
+    from curate.io import folders
     from curate.report import write_report
 
     folder = Path(args.routed).resolve()
-    with output.locked(output.output_lock_path(folder), folder, "--routed"):  # not while a job rewrites it
+    with folders.locked(folders.output_lock_path(folder), folder, "--routed"):  # not while a job rewrites it
         print(f"wrote {write_report(args.routed)}")
     return 0
 
@@ -78,50 +58,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rate(r: dict | None) -> str:
-    return "n/a" if r is None else f"{r['demo_wins']:.0%} (ties {r['ties']:.0%})"
-
-
-def _irft_summary(manifest: dict, out: str) -> str:
-    c, s, w = manifest["counts"], manifest["stage"], manifest["win_rates"]
-    return (f"irft stage {s['index']} of {s['of']}: {c['pairs']} pairs from {c['input']} records "
-            f"(identical dropped {c['identical']}, other stages {c['other_stages']}, quarantined "
-            f"{c['quarantined']}, duplicates {c['duplicates']}); demonstration wins: implicit reward "
-            f"{_rate(w['implicit_reward'])}, reward model {_rate(w['reward_model'])}\n"
-            f"  {out}/pairs/  {out}/stage_index/  {out}/quarantine/  {out}/manifest.json")
-
-
-# job -> (module, its function running the job's config, the summary of the manifest it returns); the
-# modules are imported only when their job runs
-RUNNERS = {"prism": ("curate.pipeline", "run_prism", _summary), "drift": ("curate.drift", "run_drift", _drift_summary),
-           "irft": ("curate.irft", "run_irft", _irft_summary)}
-
-
 def run_job(job: str, cfg) -> str:
     """Run a job's config; its one-paragraph summary."""
-    module, function, summary = RUNNERS[job]
-    return summary(getattr(importlib.import_module(module), function)(cfg), cfg.out)
+    from curate.jobs import JOBS
+
+    return JOBS[job].summary(JOBS[job](cfg).run(), cfg.out)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from curate import config
+    from curate.jobs import JOBS
 
     job = config.pipeline_job(args.pipeline)
-    if job not in config.JOBS:
-        raise InputError(f"{args.pipeline}: unknown job {job!r}; choose from {', '.join(config.JOBS)}")
-    print(run_job(job, config.load_yaml(args.pipeline, args.set or [], config.JOBS[job])))
+    if job not in JOBS:
+        raise InputError(f"{args.pipeline}: unknown job {job!r}; choose from {', '.join(JOBS)}")
+    print(run_job(job, config.load_yaml(args.pipeline, args.set or [], JOBS[job].config)))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from curate import config  # here, not at import: a Ctrl-C during its imports is then caught by main
     from curate.formats.export import TARGETS
+    from curate.jobs import JOBS
 
     parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prism", help="score every demonstration by gradient concentration and route it to sft/rl")
-    config.add_arguments(p)
+    config.add_arguments(p, JOBS["prism"].config)
     p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("route", help="re-route a finished prism run from its cache (no gradients)")
@@ -131,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("drift", help="K verified multi-turn rollouts per prompt -> DRIFT-weighted SFT data")
-    config.add_arguments(p, config.DriftConfig)
+    config.add_arguments(p, JOBS["drift"].config)
     p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("irft", help="self-generated replies, implicit rewards and RM scores -> DPO pairs (IRFT/SPIN)")
-    config.add_arguments(p, config.IrftConfig)
+    config.add_arguments(p, JOBS["irft"].config)
     p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("report", help="(re)write DIR/report.html: plots of a routed or drift output folder")
@@ -166,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from curate.formats.adapters import BadRecord
-    from curate.io.output import FolderInUse
+    from curate.io.folders import FolderInUse
     from curate.io.readers import UnreadableFile
     from curate.models import ModelError
 

@@ -19,15 +19,15 @@ from curate.generation import ENGINES, GenerationConfig
 from curate.returns import ReturnConfig
 from curate.schema import METRICS
 from curate.stages.continuation import ContinuationConfig
-from curate.stages.ingest import IngestConfig
+from curate.ingest.ingest import IngestConfig
 from curate.stages.pair_scores import PairScoresConfig
-from curate.stages.prefix import PREFIX_MODES, Prefix, PrefixConfig
-from curate.stages.reward import Reward, RewardConfig
+from curate.stages.prefix import PREFIX_MODES, PrefixConfig
+from curate.stages.reward import RewardConfig
 from curate.stages.probe import ProbeConfig
 from curate.stages.rollout import DEFAULT_FEEDBACK, RolloutConfig
-from curate.stages.route import RouteConfig
+from curate.corpus.route import RouteConfig
 from curate.stages.tokenize import TokenizeConfig
-from curate.stages.weights import ALL_FAIL, WeightsConfig
+from curate.corpus.weights import ALL_FAIL, WeightsConfig
 
 FORMAT_CHOICES = ("auto", *FORMATS)
 
@@ -91,32 +91,41 @@ def _check_type(flag: str, value, hint) -> None:
     raise ValueError(f"{flag} must be {names}, got {value!r}")
 
 
-class JobPaths:
-    """What every job derives the same way from its input/out/work/format/shard_size/limit fields."""
+class Section:
+    """A stage's config section of a job: `cfg.NAME()` builds `cls` from the job's options by keyword
+    (RunOptions.section); `derived` maps a field to a function of the job config for values that are not
+    an option of the same name (a template read from its file, a renamed option)."""
 
-    @property
-    def work_dir(self) -> Path:
-        """Absolute, so the shard paths recorded in state.json work from any directory (curate route)."""
-        return (Path(self.work) if self.work else Path(self.out) / ".work").resolve()
+    def __init__(self, cls, **derived):
+        self.cls, self.derived = cls, derived
 
-    def ingest(self) -> IngestConfig:
-        return IngestConfig(list(self.input), self.format, self.shard_size, self.limit, self.skip_bad_files,
-                            self.parse_procs, self.tools, self.split)
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, cfg, owner=None):
+        if cfg is None:
+            return self
+        return lambda: cfg.section(self.cls, **{k: f(cfg) for k, f in self.derived.items()})
 
 
-class Sampling:
-    """Jobs that sample from a model (drift, irft) build their generation config the same way."""
+def sections(cls) -> dict[str, Section]:
+    """The stage sections of a job config class, by name."""
+    return {name: s for klass in reversed(cls.__mro__) for name, s in vars(klass).items() if isinstance(s, Section)}
 
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(self.model, self.engine, self.device, self.temperature, self.top_p,
-                                self.max_new_tokens, self.seed, self.batch_tokens, self.trust_remote_code)
 
+def _template(cfg) -> str | None:
+    return models.read_chat_template(cfg.chat_template)
 
 
 @dataclass
-class RunOptions(JobPaths):
-    """Options every job has: how its shards run and what it may trust."""
+class RunOptions:
+    """Options every job has: what it reads, how its shards run and what it may trust. A job's stage
+    configs are built from its options by keyword (`section`)."""
 
+    input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
+    work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
+    format: str = opt("auto", "input format, detected per record by default", choices=FORMAT_CHOICES)
+    limit: int | None = opt(None, "use only the first N unique records")
     workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
     scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
     force: bool = opt(False, "recompute every stage, ignoring the cache")
@@ -129,15 +138,42 @@ class RunOptions(JobPaths):
     def __post_init__(self):
         check_ranges(self)
 
+    @property
+    def work_dir(self) -> Path:
+        """Absolute, so the shard paths recorded in state.json work from any directory (curate route)."""
+        return (Path(self.work) if self.work else Path(self.out) / ".work").resolve()
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out).resolve()
+
+    def section(self, cls, **given):
+        """The config dataclass `cls` (a stage's, or one nested in it) built by keyword: each field from
+        `given`, else a nested config built the same way, else this job's option of the same name.
+        TypeError naming the field when the job has no such option: a stage never silently keeps a
+        default the user cannot set, and reordering a config's fields cannot misplace a value."""
+        hints = typing.get_type_hints(cls)
+        options = {f.name for f in dataclasses.fields(self)}
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in given:
+                values[f.name] = given[f.name]
+            elif dataclasses.is_dataclass(hints[f.name]):
+                values[f.name] = self.section(hints[f.name])
+            elif f.name in options:
+                values[f.name] = getattr(self, f.name)
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name}: {type(self).__name__} has no option {f.name!r} "
+                                "and the caller gave no value for it")
+        return cls(**values)
+
+    ingest = Section(IngestConfig, inputs=lambda c: list(c.input))
+
 
 @dataclass
 class PrismConfig(RunOptions):
-    input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
     out: str = opt("routed", "output folder: sft/, rl/, quarantine/, manifest.json")
-    work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
     model: str | None = opt(None, "probe model: local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    format: str = opt("auto", "input format, detected per record by default", choices=FORMAT_CHOICES)
-    limit: int | None = opt(None, "use only the first N unique records")
     shard_size: int = opt(256, "records per shard (the unit of caching, resume and parallelism)")
     max_length: int | None = opt(2048, "tokens per example; longer ones lose the start of their context")
     chat_template: str | None = opt(None, "Jinja chat template file (.jinja, or JSON with a chat_template key) used instead of the model's, e.g. for a base model without one")
@@ -158,49 +194,41 @@ class PrismConfig(RunOptions):
     prefix_tokenizer: str | None = opt(None, "tokenizer whose tokens demo_len_tokens and cut_points count (default: the probe model's)")
     reward_model: str | None = opt(None, "AutoModelForSequenceClassification folder: adds rm_score to every row")
 
-    def signal_stages(self) -> list:
-        """Optional per-record signal stages whose columns route joins: Prefix-RFT and reward model."""
-        # --chat-template belongs to the probe model: a separate --prefix-tokenizer keeps its own template
-        template = None if self.prefix_tokenizer else models.read_chat_template(self.chat_template)
-        stages = [] if self.prefix == "none" else [Prefix(PrefixConfig(self.prefix_tokenizer or self.model,
-                                                                       self.trust_remote_code, template))]
-        if self.reward_model:
-            stages.append(Reward(RewardConfig(self.reward_model, self.device, self.batch_tokens, self.trust_remote_code)))
-        return stages
-
-    def tokenize(self) -> TokenizeConfig:
-        return TokenizeConfig(self.model, self.max_length, self.trust_remote_code,
-                              models.read_chat_template(self.chat_template))
-
-    def probe(self) -> ProbeConfig:
-        return ProbeConfig(self.model, self.device, self.dtype, self.batch_tokens, tuple(self.modules),
-                           self.trust_remote_code, self.allow_partial)
-
-    def route(self) -> RouteConfig:
-        return RouteConfig(self.metric, self.quantile, self.threshold, self.reverse, self.seed)
+    tokenize = Section(TokenizeConfig, chat_template=_template)
+    probe = Section(ProbeConfig, modules=lambda c: tuple(c.modules))
+    route = Section(RouteConfig)
+    reward = Section(RewardConfig)
+    # --chat-template belongs to the probe model: a separate --prefix-tokenizer keeps its own template
+    prefix_rft = Section(PrefixConfig, tokenizer=lambda c: c.prefix_tokenizer or c.model,
+                         chat_template=lambda c: None if c.prefix_tokenizer else _template(c))
 
 
 @dataclass
-class DriftConfig(RunOptions, Sampling):
+class SamplingOptions(RunOptions):
+    """Options of the jobs that sample from a model (drift, irft); each adds its own defaults of
+    max_new_tokens, device, batch_tokens and seed."""
+
+    temperature: float = opt(1.0, "sampling temperature (0: greedy)")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    engine: str = opt("auto", "generation engine (auto: vllm if installed and on CUDA, else hf)", choices=ENGINES)
+
+    generation = Section(GenerationConfig)
+
+
+@dataclass
+class DriftConfig(SamplingOptions):
     """`curate drift`: K multi-turn rollouts per prompt from a fixed reference policy, DRIFT returns and
     per-group importance weights, written as weighted SFT data to OUT/sft/."""
 
-    input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
     out: str = opt("drift", "output folder: sft/, quarantine/, manifest.json")
-    work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
     model: str | None = opt(None, "reference policy: local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    format: str = opt("auto", "input format, detected per record by default", choices=FORMAT_CHOICES)
-    limit: int | None = opt(None, "use only the first N unique records")
     shard_size: int = opt(64, "records per shard (the unit of caching, resume and parallelism)")
     samples: int = opt(8, "K: trajectories sampled per prompt")
     turns: int = opt(5, "T: answers per trajectory at most (feedback after each wrong one)")
     verifier: str = opt("math", "math | exact | recorded (the input's reward; nothing generated) | module:function")
     feedback: str = opt(DEFAULT_FEEDBACK, "user message appended after a wrong answer")
     system: str | None = opt(None, "system message put before prompts that have none (e.g. an answer-format instruction)")
-    temperature: float = opt(1.0, "sampling temperature (0: greedy)")
-    top_p: float = opt(1.0, "nucleus sampling mass")
     max_new_tokens: int = opt(512, "tokens per answer at most")
-    engine: str = opt("auto", "generation engine (auto: vllm if installed and on CUDA, else hf)", choices=ENGINES)
     device: str = opt("auto", "where the policy runs", choices=("auto", "cpu", "cuda"))
     batch_tokens: int = opt(32768, "hf engine: padded prompt + new tokens per generate batch")
     gamma: float = opt(0.9, "return gamma^(t*-1) when first solved at turn t*")
@@ -212,51 +240,33 @@ class DriftConfig(RunOptions, Sampling):
     max_weight: float | None = opt(None, "clip weights above this (counted in the manifest)")
     seed: int = opt(0, "sampling seed (each record, sample and turn derives its own)")
 
-    def rollout(self) -> RolloutConfig:
-        return RolloutConfig(self.generation(), self.samples, self.turns, self.verifier, self.feedback,
-                             self.system, self.success_threshold)
-
-    def returns(self) -> ReturnConfig:
-        return ReturnConfig(self.gamma, self.format_penalty, self.repetition_penalty)
-
-    def weights(self) -> WeightsConfig:
-        return WeightsConfig(self.beta, self.all_fail, self.max_weight)
+    rollout = Section(RolloutConfig)
+    returns = Section(ReturnConfig)
+    weights = Section(WeightsConfig)
 
 
 @dataclass
-class IrftConfig(RunOptions, Sampling):
+class IrftConfig(SamplingOptions):
     """`curate irft`: for each demonstration, the generator's own reply, log-probs under the policy and
     the reference, implicit rewards and optional reward-model scores; DPO pairs in OUT/pairs/."""
 
-    input: list[str] = field(default_factory=list, metadata={"help": "input files or folders (read recursively)", "nargs": "+"})
     out: str = opt("irft", "output folder: pairs/, stage_index/, quarantine/, manifest.json")
-    work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
     model: str | None = opt(None, "generator and policy pi: local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     ref_model: str | None = opt(None, "reference pi_ref of the implicit reward (default: --model, the stage-start model)")
     reward_model: str | None = opt(None, "AutoModelForSequenceClassification folder: adds rm_score_chosen/rejected")
-    format: str = opt("auto", "input format, detected per record by default", choices=FORMAT_CHOICES)
-    limit: int | None = opt(None, "use only the first N unique records")
     shard_size: int = opt(64, "records per shard (the unit of caching, resume and parallelism)")
     stages: int = opt(1, "T: split the prompts into T chunks by id hash, one per IRFT stage")
     stage: int = opt(0, "t: build the pairs of this chunk (with --model: the checkpoint trained after stage t-1)")
     beta: float = opt(0.1, "implicit reward beta * (log pi - log pi_ref)")
-    temperature: float = opt(1.0, "sampling temperature of the generated reply (0: greedy)")
-    top_p: float = opt(1.0, "nucleus sampling mass")
     max_new_tokens: int = opt(256, "tokens per generated reply at most")
-    engine: str = opt("auto", "generation engine (auto: vllm if installed and on CUDA, else hf)", choices=ENGINES)
     device: str = opt("auto", "where the models run", choices=("auto", "cpu", "cuda"))
     batch_tokens: int = opt(16384, "padded tokens per generate / scoring batch")
     seed: int = opt(0, "sampling seed (each record derives its own)")
 
-    def continuation(self) -> ContinuationConfig:
-        return ContinuationConfig(self.generation(), self.stages, self.stage)
-
-    def pair_scores(self) -> PairScoresConfig:
-        return PairScoresConfig(self.model, self.ref_model, self.reward_model, self.device, self.batch_tokens,
-                                self.trust_remote_code)
+    continuation = Section(ContinuationConfig)
+    pair_scores = Section(PairScoresConfig)
 
 
-JOBS = {"prism": PrismConfig, "drift": DriftConfig, "irft": IrftConfig}
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=PrismConfig, only: tuple[str, ...] | None = None) -> None:

@@ -54,6 +54,15 @@ def columns(name: str) -> tuple[str, ...]:
     return tuple(arrow_schema(name).names)
 
 
+def check_declared(names, schema_name: str) -> None:
+    """ValueError naming the columns among `names` that schemas/<schema_name>.schema.json does not declare:
+    rows are built from the schema's names, so such a column (a new signal stage's) would vanish silently."""
+    unknown = sorted(set(names) - set(arrow_schema(schema_name).names))
+    if unknown:
+        raise ValueError(f"column(s) {', '.join(unknown)} are not declared in schemas/{schema_name}.schema.json: "
+                         "declare them there (with their type) for the rows to carry them")
+
+
 RECORD = "record"
 ROUTED = "routed"
 # Columns a routed row has beyond the canonical record, written by the signal stages.

@@ -15,8 +15,8 @@ import pytest
 from curate.cli import main
 from curate.io.atomic import read_arrow
 from curate.schema import load_json_schema
-from curate.stages import ingest_chunks
-from curate.stages.ingest import IngestConfig, ingest
+from curate.ingest import chunks as ingest_chunks
+from curate.ingest.ingest import IngestConfig, ingest
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
 RECORDS, FILES = BAD / "records", BAD / "files"

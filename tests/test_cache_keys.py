@@ -4,10 +4,12 @@ of its shards, except fields marked as not affecting results (batch sizes, devic
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from curate import generation, models
+from curate.ingest.ingest import IngestConfig
 from curate.stages.base import config_key
 from curate.stages.continuation import ContinuationConfig
 from curate.stages.pair_scores import PairScoresConfig
@@ -20,12 +22,13 @@ from curate.stages.tokenize import TokenizeConfig
 CONFIGS = {
     ProbeConfig: {}, TokenizeConfig: {}, PrefixConfig: {}, RewardConfig: {"reward_model": "rm"},
     PairScoresConfig: {}, RolloutConfig: {}, ContinuationConfig: {"stages": 2},
-    generation.GenerationConfig: {},
+    generation.GenerationConfig: {}, IngestConfig: {"inputs": ["a.jsonl"]},
 }
 # a value unlike the default for each field (by name where the type allows few valid values)
 OTHER = {"dtype": "bf16", "device": "cpu", "engine": "hf", "verifier": "exact", "modules": ("q", "o"),
          "allow_partial": True,
-         "stage": 1, "top_p": 0.5}
+         "stage": 1, "top_p": 0.5, "format": "sharegpt", "split": "test", "inputs": ["b.jsonl"],
+         "tools": str(Path(__file__).parent / "data" / "tools" / "airline_tools.json")}
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +69,8 @@ def test_what_does_not_affect_results_is_declared_not_forgotten():
     assert unmarked == {("ProbeConfig", "device"), ("ProbeConfig", "batch_tokens"), ("ProbeConfig", "allow_partial"),
                         ("RewardConfig", "device"),
                         ("RewardConfig", "batch_tokens"), ("PairScoresConfig", "device"),
-                        ("PairScoresConfig", "batch_tokens"), ("GenerationConfig", "batch_tokens")}
+                        ("PairScoresConfig", "batch_tokens"), ("GenerationConfig", "batch_tokens"),
+                        ("IngestConfig", "parse_procs")}
 
 
 def test_a_resolved_field_is_keyed_by_its_resolution():

@@ -25,8 +25,8 @@ import pytest
 
 from curate.cli import main
 from curate.config import PrismConfig
-from curate.executors import DaskExecutor, LocalExecutor
-from curate.pipeline import run_ingest, run_sharded
+from curate.engine.executors import DaskExecutor, LocalExecutor
+from curate.engine.shards import run_ingest, run_sharded
 from curate.stages.tokenize import Tokenize
 
 REPO = Path(__file__).resolve().parents[1]

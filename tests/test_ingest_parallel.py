@@ -21,9 +21,9 @@ import pytest
 from curate.formats import adapters
 from curate.io import readers
 from curate.io.atomic import write_arrow
-from curate.stages import ingest_chunks
-from curate.stages.ingest import IngestConfig, ingest
-from curate.stages.ingest_pool import HelperPool
+from curate.ingest import chunks as ingest_chunks
+from curate.ingest.ingest import IngestConfig, ingest
+from curate.ingest.pool import HelperPool
 
 BAD_RECORDS = Path(__file__).resolve().parent / "data" / "bad" / "records"
 FOLDERS = ("webshop_human_sessions", "alfworld_adapt_traces", "gsm8k", "hh_rlhf_harmless")
@@ -145,7 +145,7 @@ def _running(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_helpers_exit_when_their_parent_is_killed():
     """A SIGKILLed ingest leaves no helper behind: each one reads end-of-file on its stdin and exits."""
-    script = ("import sys, time; from curate.stages.ingest_pool import HelperPool\n"
+    script = ("import sys, time; from curate.ingest.pool import HelperPool\n"
               "pool = HelperPool(2, 'auto'); print(*[h.proc.pid for h in pool.helpers], flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])

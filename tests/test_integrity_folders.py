@@ -81,7 +81,7 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 HOLD = """import sys, time
 from pathlib import Path
-from curate.io import output
+from curate.io import folders as output
 out = Path(sys.argv[1])
 with output.locked(output.output_lock_path(out), out, "--out"):
     print("held", flush=True)
@@ -438,7 +438,7 @@ def test_route_during_a_prism_run_on_its_work_names_the_holder(routed, capsys):
 
 def test_a_signal_column_the_routed_schema_lacks_is_an_error_not_dropped(finished):
     from curate.io.atomic import read_arrow
-    from curate.stages.route import RouteConfig, routed_rows
+    from curate.corpus.route import RouteConfig, routed_rows
 
     work = finished / ".work"
     records, tokens, probe = (read_arrow(next((work / stage).glob("part-*.arrow")))

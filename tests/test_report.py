@@ -19,11 +19,12 @@ from matplotlib.image import imread
 
 from curate.cli import main
 from curate.config import DriftConfig, PrismConfig
-from curate.drift import run_drift
+from curate.jobs.drift import run_drift
 from curate.io.atomic import read_arrow, write_arrow
-from curate.pipeline import reroute, run_prism
+from curate.jobs.prism import run_prism
+from curate.jobs.reroute import reroute
 from curate.report import REPORT, summarize, try_write_report, write_report
-from curate.stages.route import RouteConfig
+from curate.corpus.route import RouteConfig
 from tests.conftest import REPO
 
 DEMO = REPO / "data" / "demo"

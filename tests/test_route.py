@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from curate.stages.route import RouteConfig, assign, corpus_threshold
+from curate.corpus.route import RouteConfig, assign, corpus_threshold
 
 
 def test_median_split_sends_half_to_each_side():

@@ -10,8 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import scale_bench  # noqa: E402
 
-from curate.stages import ingest  # noqa: E402
-from curate.stages.ingest_pool import usable_cpus  # noqa: E402
+from curate.ingest import ingest  # noqa: E402
+from curate.ingest.pool import usable_cpus  # noqa: E402
 
 
 @pytest.mark.parametrize("helpers_from_bytes", [1 << 40, 0], ids=["in-process", "helpers"])

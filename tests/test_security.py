@@ -13,8 +13,9 @@ import pytest
 from curate import models
 from curate.cli import main
 from curate.io.atomic import check_state_paths, inside
-from curate.pipeline import STATE, reroute
-from curate.stages.route import RouteConfig
+from curate.jobs.prism import STATE
+from curate.jobs.reroute import reroute
+from curate.corpus.route import RouteConfig
 
 CURATE = Path(__file__).resolve().parents[1] / "curate"
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "gsm8k_prompt_completion.jsonl"

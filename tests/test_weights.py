@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from curate.returns import ReturnConfig, trajectory_return
-from curate.stages.weights import WeightsConfig, assign, ess, group_weights, log_weights
+from curate.corpus.weights import WeightsConfig, assign, ess, group_weights, log_weights
 
 
 def test_weights_match_hand_computed_values():

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from curate import gradients, models, roles, schema
 from curate.batching import right_pad, token_batches
-from curate.stages import route
+from curate.corpus import route
 from curate.stages.base import Stage, keyed, model_field, no_effect
 
 # Bumped when the architecture map changes what an entry measures: older probe shards are recomputed.
@@ -53,6 +53,7 @@ def resolved_dtype(dtype: str) -> str:
 
 class Probe(Stage):
     name = "probe"
+    runs_model = True
     version = {"role_map": ROLE_MAP_VERSION}
     reads = ("input_ids", "loss_mask", "token_error")
     writes = pa.schema([("probe_loss", pa.float32()), ("grad_norms", pa.list_(pa.float32())),

@@ -57,6 +57,11 @@ class Rollout(Stage):
                         ("turn_parseable", _bool_lists()), ("turn_answers", pa.list_(pa.list_(pa.string()))),
                         ("turn_score", pa.list_(pa.list_(pa.float64()))), ("rollout_error", pa.string())])
 
+    @property
+    def runs_model(self) -> bool:
+        """The recorded verifier replays the input's trajectory: no model, no GPU worker."""
+        return not self.config.recorded
+
     def identity(self) -> dict:
         key = super().identity()
         if self.config.recorded:  # no model involved: one recorded trajectory per record

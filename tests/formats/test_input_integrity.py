@@ -31,13 +31,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from curate import config, drift, schema
+from curate import config, schema
+from curate.jobs import drift
 from curate.cli import build_parser, main
 from curate.formats import adapters
 from curate.formats.adapters import FORMATS, normalize, record_id
 from curate.io.atomic import read_arrow
 from curate.io.readers import UnreadableFile, read_records, scan_inputs
-from curate.stages.ingest import IngestConfig, ingest
+from curate.ingest.ingest import IngestConfig, ingest
 from tests.test_bad_input import parse_procs  # noqa: F401 - the fixture: in-process and on 2 helpers
 
 U, A = "user", "assistant"
@@ -335,7 +336,7 @@ def test_case6_metadata_reaches_routed_and_drift_rows_and_case7_out_inside_input
 
 
 def test_case6_routing_an_older_cache_without_metadata_gives_null():
-    from curate.stages.route import RouteConfig, routed_rows
+    from curate.corpus.route import RouteConfig, routed_rows
 
     rec = pa.Table.from_pylist([{"id": "x", "source": "s", "source_index": 0, "format": "messages",
                                  "messages": chat("q", "a")["messages"]}], schema=schema.arrow_schema(schema.RECORD))

@@ -13,7 +13,7 @@ import pytest
 from curate.formats.adapters import BadRecord, normalize, record_id
 from curate.formats.tools import load_tools_file, parse_tools
 from curate.messages import compact_all
-from curate.stages.ingest import IngestConfig, ingest
+from curate.ingest.ingest import IngestConfig, ingest
 
 TOOLS_DATA = Path(__file__).resolve().parents[1] / "data" / "tools"
 TAU = TOOLS_DATA / "tau_bench_airline.lines1-12.jsonl"

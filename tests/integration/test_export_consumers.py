@@ -16,7 +16,7 @@ import torch
 from curate.config import PrismConfig
 from curate.formats.export import TARGETS, export
 from curate.io.atomic import read_arrow, write_arrow, write_json
-from curate.pipeline import run_prism
+from curate.jobs.prism import run_prism
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

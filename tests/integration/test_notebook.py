@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 
 from curate.config import PrismConfig
 from curate.io.atomic import read_arrow
-from curate.pipeline import run_prism
+from curate.jobs.prism import run_prism
 from tests.conftest import REPO
 
 NOTEBOOK = REPO / "notebooks" / "inspect_routed.ipynb"

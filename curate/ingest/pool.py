@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from curate.stages.ingest_chunks import ChunkResult, encode, normalize_lines, read_encoded
+from curate.ingest.chunks import ChunkResult, encode, normalize_lines, read_encoded
 
 _REQUEST = struct.Struct("<QQQ")  # source length, first line's index, data length
 _TOOLS = struct.Struct("<q")      # sent once, first: length of the default tools' JSON text; -1 for none
@@ -33,7 +33,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 # The helper imports this very curate, first on its path: `python -m` would put the working directory
 # first, and a `curate/` folder there (another checkout, another version) would answer instead.
 _BOOT = ("import sys; sys.path[:] = [{root!r}] + [p for p in sys.path if p not in ('', '.')]; "
-         "from curate.stages.ingest_pool import serve; serve({fmt!r})")
+         "from curate.ingest.pool import serve; serve({fmt!r})")
 log = logging.getLogger(__name__)
 
 Chunk = tuple[str, int, bytes]  # source, first line's index, the lines

@@ -14,6 +14,8 @@ import pyarrow.compute as pc
 
 from curate import chat, concentration, schema
 
+PARTITIONS = ("sft", "rl")  # score <= threshold -> sft, above -> rl (--reverse swaps them)
+
 
 @dataclass
 class RouteConfig:
@@ -103,10 +105,7 @@ def routed_rows(records: pa.Table, tokens: pa.Table, probe: pa.Table, threshold:
         rl = pa.array(cols["route"] == "rl")
         for name in schema.PREFIX_COLUMNS:
             cols[name] = pc.if_else(rl, cols[name], pa.scalar(None, cols[name].type))
-    unknown = sorted(set(cols) - set(target.names))
-    if unknown:  # a signal stage's column the routed schema does not declare would vanish from the output
-        raise ValueError(f"column(s) {', '.join(unknown)} are not declared in schemas/routed.schema.json: "
-                         "declare them there (with their type) for the routed rows to carry them")
+    schema.check_declared(cols, schema.ROUTED)  # a signal stage's column must not vanish from the output
     n = len(ids)
     return pa.table({name: cols[name] if name in cols else pa.nulls(n, target.field(name).type)
                      for name in target.names}).cast(target)

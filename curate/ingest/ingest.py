@@ -29,8 +29,9 @@ from curate import schema
 from curate.formats.tools import load_tools_file
 from curate.io import readers
 from curate.io.atomic import file_sha256, stable_hash
-from curate.stages import ingest_chunks as chunks
-from curate.stages.ingest_pool import HelperPool, usable_cpus
+from curate.ingest import chunks
+from curate.ingest.pool import HelperPool, usable_cpus
+from curate.stages.base import config_key, keyed, no_effect
 
 # Below this much JSON lines, starting helpers (~0.25 s) costs more than it saves (break-even ~11 MiB).
 HELPERS_MIN_BYTES = 12 << 20
@@ -46,19 +47,21 @@ class IngestConfig:
     shard_size: int = 256                             # records per shard: the unit of work and resume
     limit: int | None = None                          # stop after the first N unique records
     skip_bad_files: bool = False                      # list unreadable files instead of failing
-    parse_procs: int | None = None                    # helper processes; None: one per CPU for large input
-    tools: str | None = None                          # --tools FILE: function schemas for records without their own
+    parse_procs: int | None = no_effect(None)         # helper processes; None: one per CPU for large input
+    tools: str | None = keyed(None, lambda c: c.tools_key())  # --tools FILE: schemas for records without their own
     split: str | None = None                          # DatasetDict inputs: the split read (None: train; "all")
 
     def cache_fields(self) -> dict:
-        """What the shards depend on: not how many processes made them; the tools file by content; the
-        rules and the columns of this version of ingest."""
-        out = {k: v for k, v in vars(self).items() if k != "parse_procs"}
-        out["rules"] = {"version": INGEST_RULES, "columns": list(schema.columns(schema.RECORD))}
-        if self.tools is not None:
-            self.default_tools()  # a missing or bad file is named before it is hashed
-            out["tools"] = {"path": self.tools, "sha256": file_sha256(Path(self.tools))}
-        return out
+        """What the shards depend on (stages.base.config_key: every field but the number of processes that
+        made them; the tools file by content), and the rules and the columns of this version of ingest."""
+        return {**config_key(self), "rules": {"version": INGEST_RULES, "columns": list(schema.columns(schema.RECORD))}}
+
+    def tools_key(self) -> dict | None:
+        """The --tools file in the cache key: its path and content (ValueError naming a missing or bad file)."""
+        if self.tools is None:
+            return None
+        self.default_tools()  # a missing or bad file is named before it is hashed
+        return {"path": self.tools, "sha256": file_sha256(Path(self.tools))}
 
     def default_tools(self) -> str | None:
         """The canonical JSON text of the --tools file (ValueError naming the file when it is bad)."""

@@ -1,0 +1,142 @@
+"""The prism job: ingest -> tokenize -> probe (+ signal stages) over shards, then route into sft/ and rl/.
+
+The corpus step writes WORK/state.json (what `curate route` needs to re-route from the cache, see
+jobs.reroute) and routes every probed row: the threshold is a corpus quantile of the routing score, shard i
+of each partition holds the routed rows of work shard i in input order."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from curate import roles
+from curate.config import PrismConfig
+from curate.corpus import route, routing
+from curate.engine.outputs import JobOutput, provenance
+from curate.io.atomic import write_json
+from curate.jobs.base import INGEST, Job, StageRun
+from curate.stages.prefix import Prefix
+from curate.stages.probe import Probe
+from curate.stages.reward import Reward
+from curate.stages.tokenize import Tokenize
+
+STATE = "state.json"  # what `curate route` needs to re-route from the cache
+
+
+class NothingRouted(ValueError):
+    """Every record was quarantined or a duplicate: the output is written (its quarantine says why), and
+    the job fails (exit code 2) rather than report a split of nothing."""
+
+
+class PrismJob(Job):
+    name = "prism"
+    config = PrismConfig
+    partitions = route.PARTITIONS
+    balance = ("sft", "rl", "quarantined", "duplicates")
+
+    def stages(self):
+        return [(Tokenize(self.cfg.tokenize()), INGEST), (Probe(self.cfg.probe()), "tokenize")]
+
+    def signals(self):
+        """Prefix-RFT annotations and reward-model scores, joined into every routed row."""
+        cfg = self.cfg
+        stages = [] if cfg.prefix == "none" else [Prefix(cfg.prefix_rft())]
+        if cfg.reward_model:
+            stages.append(Reward(cfg.reward()))
+        return stages
+
+    def check(self) -> None:
+        super().check()
+        Probe(self.cfg.probe()).describe()  # a model the architecture map refuses stops here: no folder is touched
+        self.cfg.route()                     # routing options, before hours of probing
+
+    def prepare(self, work: Path) -> None:
+        # the shards are about to change: `curate route` must not trust this state again until it is rewritten
+        (work / STATE).unlink(missing_ok=True)
+
+    def corpus(self, run: StageRun) -> dict:
+        prb = run.shards["probe"]
+        signals = {stage.name: run.shards[stage.name] for stage in self.signals()}
+        state = {"config": asdict(self.cfg), "ingest": run.ingest, "tokenize": run.shards["tokenize"],
+                 "probe": prb, "signals": signals, "model": Probe(self.cfg.probe()).identity()["config"]["model"],
+                 "modules": prb[0]["modules"] if prb else [], "probe_map": prb[0].get("probe_map") if prb else None,
+                 "timings": run.timings, "cache": run.cache}
+        write_json(self.cfg.work_dir / STATE, state)
+        return route_and_report(state, self.cfg.route(), Path(self.cfg.out))
+
+    @staticmethod
+    def summary(manifest: dict, out: str) -> str:
+        c, r = manifest["counts"], manifest["routing"]
+        return (f"routed {c['sft'] + c['rl']} of {c['input']} records by {r['metric']} "
+                f"(threshold {r['threshold']:.6g}): sft {c['sft']}, rl {c['rl']}; "
+                f"quarantined {c['quarantined']}, duplicates {c['duplicates']}, truncated {c['truncated']}\n"
+                f"  {out}/sft/  {out}/rl/  {out}/quarantine/  {out}/manifest.json"
+                + (f"\n  probed {roles.summary(manifest['probe_map'])}" if manifest.get("probe_map") else ""))
+
+
+def route_and_report(state: dict, route_cfg: route.RouteConfig, out: Path) -> dict:
+    """Route the cached run `state` into OUT (the caller holds its lock); the manifest. NothingRouted
+    after the switch (and the report) when no row was routed."""
+    manifest = write_routed(state, route_cfg, out.resolve())
+    c = manifest["counts"]
+    if not c["sft"] + c["rl"]:
+        raise NothingRouted(f"nothing routed: 0 of {c['input']} records (quarantined {c['quarantined']}, "
+                            f"duplicates {c['duplicates']}); the reasons are in {out.resolve() / 'quarantine'}/")
+    return manifest
+
+
+def write_routed(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
+    """Route every probed row of `state` and switch the new OUT in; returns the manifest."""
+    t0 = time.perf_counter()
+    # Shards are independent in both passes; their numpy/arrow work and file writes release the GIL, so
+    # two threads use two cores. Results are taken in shard order: the same bytes as one thread.
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    shards = list(routing.shard_paths(state))
+    scores = routing.corpus_scores(shards, cfg, pool)
+    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    threshold = route.corpus_threshold(all_scores, cfg) if all_scores.size or cfg.threshold is not None else None
+    prefix_rows = state["config"].get("prefix", "none")
+    counts, truncated, template, probe_rejects = Counter(), 0, Counter(), 0
+    with pool, JobOutput(PrismJob, out, state["ingest"]["quarantine"]) as output:
+        n = len(shards)
+        # quarantine rows are streamed to their file in shard order (ingest's first): never all in memory
+        for shard in pool.map(routing.route_shard, range(n), shards, scores, [threshold] * n, [cfg] * n,
+                              [prefix_rows] * n, [output] * n):
+            template.update(shard.template)
+            for row in shard.quarantine:
+                output.quarantine.write(row)
+                probe_rejects += row["stage"] == "probe"
+            truncated += shard.truncated
+            counts.update(shard.counts)
+    ing = state["ingest"]["counts"]
+    quarantined = output.quarantine.count
+    counts = {"input": ing["input"], "duplicates": ing["duplicates"], "quarantined": quarantined,
+              "quarantined_ingest": ing["quarantined"],
+              "quarantined_tokenize": quarantined - ing["quarantined"] - probe_rejects,
+              "quarantined_probe": probe_rejects, "truncated": truncated,
+              **{part: counts[part] for part in route.PARTITIONS}}
+    timings = {**state["timings"], "route": time.perf_counter() - t0}
+    rule = "score <= threshold -> sft" + (" (reversed: -> rl)" if cfg.reverse else "")
+    tokenize = state["tokenize"][0].get("chat_template") or {} if state["tokenize"] else {}
+    return output.finish(
+        counts, state["model"], provenance(state["config"], state["ingest"], state["cache"], timings),
+        routing={**asdict(cfg), "threshold": threshold, "rule": rule},
+        chat_template={**tokenize, "tool_rendering": _counts(template, "rendering"),
+                       "unrendered": _counts(template, "unrendered")},
+        modules=state["modules"], probe_map=state.get("probe_map"))
+
+
+def _counts(counter: Counter, kind: str) -> dict[str, int]:
+    """{what: n} of the (kind, what) keys of `counter`, sorted by what."""
+    return {what: n for (k, what), n in sorted(counter.items()) if k == kind}
+
+
+def run_prism(cfg: PrismConfig) -> dict:
+    """Run the prism job (see PrismJob); its manifest."""
+    return PrismJob(cfg).run()
