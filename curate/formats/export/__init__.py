@@ -22,7 +22,7 @@ import pyarrow as pa
 
 import curate
 from curate.formats.export import common, llamafactory, openrlhf, trl, verl
-from curate.io import output
+from curate.io import folders
 from curate.io.atomic import file_sha256, read_json, write_json
 
 TARGETS: dict[str, ModuleType] = {"trl": trl, "verl": verl, "openrlhf": openrlhf, "llamafactory": llamafactory}
@@ -79,14 +79,14 @@ def export(routed_dir: str | Path, to: str, out: str | Path) -> dict:
         raise ValueError(f"unknown export target {to!r}; choose from {', '.join(TARGETS)}")
     target, routed, out = TARGETS[to], Path(routed_dir), Path(out)
     check_output(routed, out)
-    with output.job_folders(out.resolve(), None, [routed], export=True):
+    with folders.job_folders(out.resolve(), None, [routed], export=True):
         return _export(target, to, routed, out.resolve())
 
 
 def _export(target: ModuleType, to: str, routed: Path, out: Path) -> dict:
     routed_sha = file_sha256(routed / "manifest.json") if (routed / "manifest.json").is_file() else None
     parts = input_partitions(routed)
-    staging = output.new_staging(out)
+    staging = folders.new_staging(out)
     try:
         files, skipped, scans, logs = _write_partitions(target, parts, staging)
         for part in common.PARTITIONS:  # an empty routed partition (a folder with no shard) has no file
@@ -110,7 +110,7 @@ def _export(target: ModuleType, to: str, routed: Path, out: Path) -> dict:
         if file_sha256(routed / "manifest.json") != routed_sha:
             raise ValueError(f"{routed} was rewritten by another run while it was exported; rerun the export")
         write_json(staging / "manifest.json", manifest)
-        output.commit(out, carry=False)
+        folders.commit(out, carry=False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
