@@ -81,9 +81,9 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 HOLD = """import sys, time
 from pathlib import Path
-from curate.io import folders as output
+from curate.io import folders
 out = Path(sys.argv[1])
-with output.locked(output.output_lock_path(out), out, "--out"):
+with folders.locked(folders.output_lock_path(out), out, "--out"):
     print("held", flush=True)
     time.sleep(60)
 """
@@ -123,7 +123,7 @@ def test_two_routes_started_together_leave_one_consistent_output(routed):
 # 2. two prism jobs sharing a work folder
 def test_a_prism_job_on_a_locked_work_folder_fails(corpus, tiny_model_dir, tmp_path, routed):
     work = routed / ".work"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.replace("output.output_lock_path(out)", "out / '.curate.lock'"),
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.replace("folders.output_lock_path(out)", "out / '.curate.lock'"),
                              str(work)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -425,7 +425,7 @@ def test_export_lists_an_empty_routed_partition(routed, tmp_path):
 
 def test_route_during_a_prism_run_on_its_work_names_the_holder(routed, capsys):
     work = routed / ".work"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.replace("output.output_lock_path(out)", "out / '.curate.lock'"),
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.replace("folders.output_lock_path(out)", "out / '.curate.lock'"),
                              str(work)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
