@@ -7,7 +7,7 @@ prefix stage ran, `demos` (list of strings) and `demos_corr` (list of bools) as 
 PrefixRFTDataset reads them. sft.parquet rows: `messages` (ending with an assistant turn) and the
 scalar columns.
 
-Tool conversations: `prompt` / `messages` keep their tool fields (see common.py); rl rows carry
+Tool conversations: `prompt` / `messages` keep their tool fields (see conventions.py); rl rows carry
 `extra_info.tools` (the JSON text of the row's function schemas, null without) and
 `extra_info.tool_selection` (their names, null without: verl's ToolAgentLoop offers a row only these
 of the tools in its tool config); sft rows keep the `tools` column (JSON text)."""
