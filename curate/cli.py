@@ -23,6 +23,8 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
+    """`curate route`: re-route the finished prism run in --work into --out with the routing options given
+    (the others keep RouteConfig's defaults); prints the summary."""
     from curate.corpus.route import RouteConfig
     from curate.jobs.prism import PrismJob
     from curate.jobs.reroute import reroute
@@ -34,6 +36,8 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`curate report`: (re)write --routed's report.html, holding the folder's output lock (FolderInUse
+    while a job holds it)."""
     from pathlib import Path
 
     from curate.io import folders
@@ -46,6 +50,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`curate export`: write --routed as the files trainer --to reads, into --out; prints each file's row
+    count and what was skipped or folded."""
     from curate.formats.export import export
 
     m = export(args.routed, args.to, args.out)
@@ -66,6 +72,8 @@ def run_job(job: str, cfg) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`curate run FILE`: the job the pipeline file's `job:` key names, its options from the file and
+    `--set`; InputError for an unknown job."""
     from curate import config
     from curate.jobs import JOBS
 
@@ -77,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `curate` argument parser: one subcommand per job (its flags from the job's config class), and
+    route, report, export and run."""
     from curate import config  # here, not at import: a Ctrl-C during its imports is then caught by main
     from curate.formats.export import TARGETS
     from curate.jobs import JOBS
@@ -120,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]) and return its exit code (module doc): 2 for an
+    input, file, model or folder error, printed as "curate: error: ...", 130 on Ctrl-C. A usage error
+    exits through argparse (SystemExit 2); any other exception propagates (exit code 1)."""
     try:
         return _main(argv)
     except KeyboardInterrupt:  # also during the imports of a job's libraries

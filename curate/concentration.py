@@ -13,7 +13,8 @@ def _rows(g: np.ndarray, dtype=np.float64) -> np.ndarray:
 
 def gini(g: np.ndarray) -> np.ndarray:
     """G = sum_k (2k - n - 1) g_(k) / (n sum g), g sorted ascending, k = 1..n.
-    0 for a uniform vector, 1 - 1/n for a one-hot one; 0 for an all-zero row."""
+    0 for a uniform vector, 1 - 1/n for a one-hot one; 0 for an all-zero row. The Gini coefficient (Gini,
+    1912), in the sorted form Hurley & Rickard use as a sparsity measure (IEEE Trans. Inf. Theory, 2009)."""
     # sorted in the input's precision (float32 norms sort twice as fast), summed in float64
     g = np.sort(_rows(g, None), axis=1).astype(np.float64, copy=False)
     n = g.shape[1]
@@ -46,7 +47,8 @@ def cv(g: np.ndarray) -> np.ndarray:
 
 
 def kurtosis(g: np.ndarray) -> np.ndarray:
-    """Pearson kurtosis E[(g - mu)^4] / sigma^4 (3 for a normal sample; 0 for a constant row)."""
+    """Pearson kurtosis E[(g - mu)^4] / sigma^4 (3 for a normal sample; 0 for a constant row); Pearson
+    (Biometrika, 1905), not the excess kurtosis."""
     _, d2, var = _moments(_rows(g))
     return _kurtosis(d2, var)
 

@@ -33,6 +33,8 @@ FORMAT_CHOICES = ("auto", *FORMATS)
 
 
 def opt(default, help: str, **kw):
+    """A dataclass field with a default whose metadata holds its CLI `help` and further argparse keywords
+    (`choices`, `nargs`) for `add_arguments`."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -145,6 +147,7 @@ class RunOptions:
 
     @property
     def out_dir(self) -> Path:
+        """The output folder, absolute."""
         return Path(self.out).resolve()
 
     def section(self, cls, **given):
@@ -172,6 +175,9 @@ class RunOptions:
 
 @dataclass
 class PrismConfig(RunOptions):
+    """`curate prism`: tokenize and probe every record's per-module gradient norms, score their concentration
+    and route each demonstration to OUT/sft/ or OUT/rl/."""
+
     out: str = opt("routed", "output folder: sft/, rl/, quarantine/, manifest.json")
     model: str | None = opt(None, "probe model: local HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     shard_size: int = opt(256, "records per shard (the unit of caching, resume and parallelism)")
@@ -295,6 +301,8 @@ def _scalar_type(f: dataclasses.Field, cls=PrismConfig):
 
 
 def from_args(ns: argparse.Namespace, cls=PrismConfig) -> PrismConfig:
+    """The job config `cls` from parsed flags: the namespace's attributes that are fields of `cls` (flags
+    not given keep their defaults). ValueError from its type and range checks."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
 

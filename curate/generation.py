@@ -31,6 +31,9 @@ NOT_RECORD_ERRORS = (*chat.NOT_RECORD_ERRORS, models.ModelError)
 
 @dataclass
 class GenerationConfig:
+    """How a model samples (the fields' comments), keyed into every generating stage's cache. ValueError for
+    an unknown engine, temperature < 0, top_p outside (0, 1] or max_new_tokens < 1."""
+
     model: str | None = model_field()  # None: the embedded SmolLM2-135M-Instruct
     engine: str = keyed("auto", lambda c: resolve_engine(c))  # auto: vllm when importable and CUDA is present, else hf
     device: str = keyed("auto", lambda c: models.resolve_device(c.device))
@@ -50,6 +53,8 @@ class GenerationConfig:
 
 
 def resolve_engine(cfg: GenerationConfig) -> str:
+    """The engine `cfg` runs on: hf or vllm as asked; auto is vllm when importable and the device resolves
+    to CUDA (ModelError for --device cuda without CUDA), else hf. ValueError for vllm when not installed."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     if cfg.engine == "vllm" and not has_vllm:
         raise ValueError("--engine vllm: vllm is not installed (pip install vllm, on a CUDA machine)")

@@ -66,6 +66,9 @@ def _by_example(x: torch.Tensor, example: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass
 class ProbeResult:
+    """What `probe_batch` returns for B examples and M = len(rmap.entries) entries (shapes beside the
+    fields; the loss in nats per target token)."""
+
     loss: torch.Tensor        # (B,) mean NLL over each example's loss tokens
     sq_norms: torch.Tensor    # (B, M) squared Frobenius norms, entries in RoleMap order
 
@@ -121,6 +124,8 @@ class _Capture:
         out.register_hook(grad_hook)
 
     def check(self) -> None:
+        """RuntimeError naming the entries whose gradient never arrived in this backward (the model did not
+        apply those weights as the role map expects)."""
         missing = [e.name for e, fired in zip(self.rmap.entries, self.fired) if not fired]
         if missing:
             raise RuntimeError(f"the probe never saw the gradient of {', '.join(missing[:4])}"

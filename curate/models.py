@@ -34,6 +34,8 @@ class ModelRef:
     trust_remote_code: bool = False  # run the folder's own modelling code (auto_map): only if the user asks
 
     def weight_files(self) -> list[Path]:
+        """The files that identify the model: its GGUF file, else the folder's .safetensors and .gguf files,
+        sorted."""
         if self.gguf_file:
             return [Path(self.folder) / self.gguf_file]
         return sorted(p for p in Path(self.folder).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
@@ -91,10 +93,13 @@ def weights_hash(ref: ModelRef) -> str:
 
 
 def identity_of(spec: str | None, trust_remote_code: bool = False) -> dict:
+    """`identity` of the model `spec` names (see `resolve`: ModelError when it names none)."""
     return identity(resolve(spec, trust_remote_code))
 
 
 def identity(ref: ModelRef) -> dict:
+    """The model's identity in cache keys and manifests: {"name", "file": its GGUF file or None, "sha256" of
+    its weight files}."""
     return {"name": ref.name, "file": ref.gguf_file, "sha256": weights_hash(ref)}
 
 
@@ -155,6 +160,8 @@ def read_chat_template(path: str | None) -> str | None:
 
 
 def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when torch sees a CUDA device, else "cpu"; "cuda" without one raises ModelError;
+    any other value is returned as given."""
     import torch
 
     if device == "auto":

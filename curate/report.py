@@ -33,6 +33,9 @@ TOP = 25  # rows shown per bar chart / table before the rest is summed into "oth
 
 @dataclass
 class Partition:
+    """Running aggregates of one output partition (`scan_shard`): rows, routing scores, summed grad_norms,
+    sources and numeric signal values."""
+
     rows: int = 0
     scores: list[np.ndarray] = field(default_factory=list)
     norm_sum: np.ndarray | None = None   # float64 sum of grad_norms over rows, in manifest module order
@@ -41,24 +44,32 @@ class Partition:
     signals: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def score_array(self) -> np.ndarray:
+        """Every finite routing score of the partition, shards in order (float64; empty without scores)."""
         return np.concatenate(self.scores) if self.scores else np.zeros(0)
 
     def signal_array(self, name: str) -> np.ndarray:
+        """The finite values of signal column `name` over the partition's shards (float64; empty without any)."""
         return np.concatenate(self.signals.get(name, [])) if self.signals.get(name) else np.zeros(0)
 
 
 @dataclass
 class Summary:
+    """What the report shows of one output folder: its manifest, each partition's aggregates and the
+    quarantine reasons."""
+
     manifest: dict
     parts: dict[str, Partition]
     reasons: Counter   # (stage, reason with digits as N) -> quarantined rows
 
     @property
     def signal_names(self) -> list[str]:
+        """The signal columns some partition has: in SIGNALS' order first, then the others sorted."""
         found = {n for p in self.parts.values() for n in p.signals}
         return [n for n in SIGNALS if n in found] + sorted(n for n in found if n not in SIGNALS)
 
     def norm_means(self) -> dict[str, np.ndarray]:
+        """Per partition with norms, the mean grad_norms vector over its rows (float64, one value per manifest
+        module)."""
         return {k: p.norm_sum / p.norm_rows for k, p in self.parts.items() if p.norm_rows}
 
 
@@ -129,6 +140,8 @@ def scan_quarantine(path: Path) -> Counter:
 
 
 def summarize(out: str | Path) -> Summary:
+    """Scan output folder `out` for the report. FileNotFoundError without manifest.json; ValueError for a
+    shard or quarantine line that cannot be read."""
     out = Path(out)
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():

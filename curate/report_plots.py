@@ -22,6 +22,7 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 
 def to_data_uri(fig: Figure) -> str:
+    """The figure as a `data:image/png;base64,...` URI (100 dpi, no Software stamp: deterministic bytes)."""
     FigureCanvasAgg(fig)  # attach the raster canvas explicitly: no backend selection through pyplot
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ReturnConfig:
+    """The return's constants (module doc): gamma discounts the turn of first success, format_penalty is
+    added per unparseable turn, repetition_penalty is lambda. ValueError unless 0 < gamma <= 1."""
+
     gamma: float = 0.9
     format_penalty: float = -0.1
     repetition_penalty: float = 0.5
@@ -27,6 +30,8 @@ class ReturnConfig:
 
 @dataclass(frozen=True)
 class Return:
+    """One trajectory's return by component (module doc), and its turn of first success."""
+
     outcome: float
     format: float
     repetition: float
@@ -34,14 +39,17 @@ class Return:
 
     @property
     def total(self) -> float:
+        """The return R = outcome + format + repetition."""
         return self.outcome + self.format + self.repetition
 
     @property
     def success(self) -> bool:
+        """Whether some turn was correct (`t_star` is set)."""
         return self.t_star is not None
 
 
 def first_success(correct: list[bool]) -> int | None:
+    """The 1-based turn of the first True in `correct` (one verdict per turn), None when there is none."""
     return next((t + 1 for t, ok in enumerate(correct) if ok), None)
 
 

@@ -17,6 +17,9 @@ from curate import chat, models
 
 @lru_cache(maxsize=2)
 def load_reward_model(ref: models.ModelRef, device: str = "cpu"):
+    """(model, tokenizer) of a reward model on `device`, in eval mode without gradients (cached per
+    process, two at most). ModelError unless it has one output (num_labels=1), or when its tokenizer has
+    no chat template."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -74,6 +74,9 @@ class Site:
 
 @dataclass
 class RoleMap:
+    """The architecture map of one model (`role_map`): its entries (the grad_norms columns, in order), the
+    sites the probe's hooks watch and the layer matrices it leaves out (`unprobed`)."""
+
     entries: list[Entry]
     sites: list[Site]
     model_class: str
@@ -82,6 +85,7 @@ class RoleMap:
 
     @property
     def names(self) -> list[str]:
+        """Entry names in grad_norms order (the manifest's `modules`)."""
         return [e.name for e in self.entries]
 
     def describe(self) -> dict:
@@ -97,6 +101,7 @@ class RoleMap:
         return out
 
     def summary(self) -> str:
+        """One line describing the map (`summary` of `describe()`)."""
         return summary(self.describe())
 
 

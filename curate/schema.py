@@ -26,6 +26,7 @@ _JSON_TYPE = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64
 
 @lru_cache(maxsize=None)
 def load_json_schema(name: str) -> dict:
+    """schemas/NAME.schema.json, parsed (cached: do not modify it); FileNotFoundError for an unknown name."""
     path = SCHEMA_DIR / f"{name}.schema.json"
     return json.loads(path.read_text())
 
@@ -51,6 +52,7 @@ def arrow_schema(name: str) -> pa.Schema:
 
 
 def columns(name: str) -> tuple[str, ...]:
+    """Column names of schemas/NAME.schema.json, in declaration order."""
     return tuple(arrow_schema(name).names)
 
 

@@ -23,6 +23,9 @@ from curate.formats.records import last_boxed
 
 
 class Verdict(NamedTuple):
+    """A verifier's judgement of one reply: parseable, correct, the normalised answer (None when
+    unparseable) and the score."""
+
     parseable: bool
     correct: bool
     answer: str | None = None     # normalised final answer (None when unparseable)
@@ -93,6 +96,8 @@ def to_number(s: str) -> Fraction | None:
 
 
 def verify_math(record: dict, reply: str) -> Verdict:
+    """`math`: the reply's final answer (`extract_answer`) equals `ground_truth` once both are normalised;
+    unparseable when the reply commits to no answer."""
     answer = extract_answer(reply)
     if answer is None:
         return Verdict(False, False)
@@ -107,6 +112,8 @@ def _plain(text: str) -> str:
 
 
 def verify_exact(record: dict, reply: str) -> Verdict:
+    """`exact`: the reply (or its "####" / \\boxed{} answer) equals `ground_truth` after case, whitespace
+    and trailing-period normalisation; unparseable when blank."""
     answer = reply if "####" not in reply and last_boxed(reply) is None else extract_answer(reply)
     if answer is None or not answer.strip():
         return Verdict(False, False)
@@ -116,6 +123,8 @@ def verify_exact(record: dict, reply: str) -> Verdict:
 
 
 def verify_recorded(record: dict, reply: str, success_threshold: float = 1.0) -> Verdict:
+    """`recorded`: the record's own `reward` is the score, correct when >= success_threshold; unparseable
+    without one (the reply is not read)."""
     reward = record.get("reward")
     if reward is None:
         return Verdict(False, False)
@@ -133,6 +142,8 @@ def _from_user(value, reply: str, success_threshold: float) -> Verdict:
 
 
 def load_callable(spec: str) -> Callable:
+    """The callable "module:function" names, its module imported; ValueError when it cannot be imported or
+    is not callable."""
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)

@@ -99,6 +99,9 @@ ENCODING_VERSION = 3
 
 @dataclass
 class Encoded:
+    """One conversation encoded by `encode`: token ids and loss mask of equal length (tokens), whether its
+    start was cut, and how the template rendered its tool data."""
+
     input_ids: list[int]
     loss_mask: list[int]   # 1 where the token is an assistant token (a training target)
     truncated: bool
@@ -111,6 +114,7 @@ class Encoded:
 
     @property
     def n_loss_tokens(self) -> int:
+        """Number of target tokens (the ones in `loss_mask`)."""
         return sum(self.loss_mask)
 
 

@@ -208,6 +208,8 @@ class _SlowPath:
 
     @property
     def special_ids(self) -> set[int]:
+        """The tokenizer's special and added token ids (cached in `shared`): a clean cut may fall on either side
+        of one."""
         if "special_ids" not in self.shared:
             self.shared["special_ids"] = {*self.tokenizer.all_special_ids,
                                            *getattr(self.tokenizer, "added_tokens_decoder", {})}

@@ -29,6 +29,8 @@ class Layout(_SlowPath):
         self.text = self.prefix(len(messages))
 
     def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        """`messages` (template form) rendered with this layout's template and tools; TemplateError when the
+        template refuses them."""
         return render_template(self.tokenizer, self.template, messages, self.tools, generation_prompt)
 
     def prefix(self, k: int, generation_prompt: bool = False) -> str:
@@ -38,6 +40,7 @@ class Layout(_SlowPath):
         return self._prefixes[k, generation_prompt]
 
     def name(self, i: int) -> str:
+        """How errors name message i: "assistant turn N", N its index in the record's messages (`origin`)."""
         return f"assistant turn {self.origin[i]}"
 
     def spans(self) -> list[tuple[int, int]]:

@@ -63,6 +63,8 @@ def render_template(tokenizer, template: str, messages: list[dict], tools: list[
 
 
 def template_error(e: Exception) -> TemplateError:
+    """`e` as a TemplateError ("chat template: ..."): a TemplateError as it is, jinja2's `raise_exception`
+    error by its own message, anything else as "TYPE: message"."""
     import jinja2
 
     if isinstance(e, TemplateError):

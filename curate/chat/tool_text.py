@@ -159,6 +159,7 @@ def prepare(tokenizer, messages: list[dict], tools: list[dict] | None = None, ch
 
 
 def prepare_for(tokenizer, template: str, messages: list[dict], tools: list[dict] | None):
+    """`prepare` with the template text already chosen (`template_text`): the same four values."""
     msgs = compact_all(messages)
     origin: list[int | None] = list(range(len(msgs)))
     has_calls = any(m.get("tool_calls") for m in msgs)

@@ -55,6 +55,8 @@ def _joined(records: pa.Table, signals: pa.Table) -> pa.Table:
 
 
 def reply(texts: pa.ChunkedArray) -> pa.Array:
+    """Each generated text as a one-message assistant conversation (schema.MESSAGES), one row per text; a
+    null text gives a message with null content."""
     return pa.array([[{"role": "assistant", "content": t}] for t in texts.to_pylist()], schema.MESSAGES)
 
 
@@ -67,6 +69,8 @@ class WinRate:
         self.margin = 0.0
 
     def add(self, chosen: pa.ChunkedArray, rejected: pa.ChunkedArray) -> None:
+        """Count one batch of pairs, `chosen` and `rejected` holding one score per pair. A null score reads as
+        NaN: neither a win nor a tie, and it makes the mean margin NaN."""
         c = chosen.to_numpy(zero_copy_only=False).astype(np.float64)
         r = rejected.to_numpy(zero_copy_only=False).astype(np.float64)
         self.pairs += len(c)
@@ -75,6 +79,8 @@ class WinRate:
         self.margin += float(np.sum(c - r))
 
     def summary(self) -> dict | None:
+        """Shares of pairs the demonstration won (`demo_wins`) and tied (`ties`), the pair count and the mean
+        margin (chosen - rejected score); None before any pair."""
         if not self.pairs:
             return None
         return {"demo_wins": self.wins / self.pairs, "ties": self.ties / self.pairs, "pairs": self.pairs,

@@ -19,6 +19,9 @@ PARTITIONS = ("sft", "rl")  # score <= threshold -> sft, above -> rl (--reverse 
 
 @dataclass
 class RouteConfig:
+    """Routing options (the fields' comments). ValueError for an unknown metric, a quantile outside [0, 1]
+    or a threshold that is not finite."""
+
     metric: str = "gini"                 # gini | cv | kurtosis | magnitude | random
     quantile: float = 0.5                # threshold = this quantile of the corpus scores ...
     threshold: float | None = None       # ... unless a fixed threshold is given
@@ -69,6 +72,8 @@ def corpus_threshold(values: np.ndarray, config: RouteConfig) -> float:
 
 
 def assign(values: np.ndarray, threshold: float, reverse: bool) -> np.ndarray:
+    """The partition of each score: "sft" where value <= threshold, else "rl" (swapped by `reverse`); a
+    string array shaped like `values`. A NaN score goes to rl (to sft with `reverse`)."""
     low = values <= threshold
     return np.where(low ^ reverse, "sft", "rl")
 

@@ -24,6 +24,8 @@ def shard_paths(state: dict):
 
 
 def signal_columns(paths: list[str]) -> pa.Table | None:
+    """The columns of one work shard's signal stage files side by side (one row per record), or None
+    without any file. A column name two files share keeps the later file's column."""
     tables = [read_arrow(p) for p in paths]
     if not tables:
         return None

@@ -21,6 +21,9 @@ ALL_FAIL = ("keep", "drop")
 
 @dataclass(frozen=True)
 class WeightsConfig:
+    """Options of the weights (the fields' comments). ValueError for beta < 0, an all_fail other than keep
+    or drop, or max_weight <= 0."""
+
     beta: float = 0.1                  # temperature of exp(R / beta)
     all_fail: str = "keep"             # a group with no success: keep (as DRIFT's code does) or drop
     max_weight: float | None = None    # clip weights above this (mean weight is then below 1)
@@ -50,11 +53,13 @@ def log_weights(returns, beta: float) -> np.ndarray:
 
 
 def group_weights(returns, beta: float) -> np.ndarray:
+    """DRIFT's (Mu et al., 2026) importance weights of one prompt group, w_i = exp(R_i/beta) /
+    mean_j exp(R_j/beta): one per return, mean 1 (`log_weights`, exponentiated)."""
     return np.exp(log_weights(returns, beta))
 
 
 def ess(weights) -> float:
-    """Effective sample size (sum w)^2 / sum w^2: n for equal weights, 1 when one sample has them all."""
+    """Effective sample size (sum w)^2 / sum w^2 (Kish, 1965): n for equal weights, 1 when one sample has them all."""
     w = np.asarray(weights, dtype=np.float64)
     sq = float((w * w).sum())
     return float(w.sum()) ** 2 / sq if sq > 0 else 0.0
@@ -62,6 +67,9 @@ def ess(weights) -> float:
 
 @dataclass
 class Weighted:
+    """What `assign` returns: arrays with one entry per input row, in input order, and the corpus stats
+    written into the manifest."""
+
     weight: np.ndarray        # per row (NaN where dropped)
     group_ess: np.ndarray     # per row: the ESS of its group
     keep: np.ndarray          # per row: False for rows of dropped all-fail groups

@@ -11,10 +11,14 @@ from tqdm.auto import tqdm
 
 
 class LocalExecutor:
+    """Runs every task in this process, one after another (the default)."""
+
     def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False) -> list:
+        """`fn(item)` for each item, in order, with a progress bar for two or more; `gpu` changes nothing here."""
         return [fn(x) for x in tqdm(items, desc=desc, unit="shard", disable=len(items) < 2)]
 
     def close(self) -> None:
+        """Nothing to release."""
         pass
 
 
@@ -39,11 +43,14 @@ class DaskExecutor:
 
 
     def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False) -> list:
+        """`fn(item)` for each item on the cluster, results in item order (a task's exception is raised here).
+        `gpu`: on an existing cluster, each task asks for a worker with the resource GPU=1."""
         resources = {"GPU": 1} if gpu and self.remote else None
         futures = self.client.map(fn, list(items), pure=False, resources=resources)
         return self.client.gather(futures)
 
     def close(self) -> None:
+        """Close the client and the local cluster this executor started (an existing cluster keeps running)."""
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
@@ -56,6 +63,8 @@ def _torch_threads() -> int:
 
 
 def make_executor(workers: int | None, scheduler: str | None):
+    """A DaskExecutor for --scheduler or --workers N > 0 (ImportError without dask.distributed), else a
+    LocalExecutor."""
     if scheduler or (workers and workers > 0):
         return DaskExecutor(workers, scheduler)
     return LocalExecutor()

@@ -21,6 +21,9 @@ from curate.stages.base import Stage
 
 @dataclass(frozen=True)
 class ShardTask:
+    """One stage run on one upstream shard: the stage, the shard file it reads, the file it writes and the
+    cache key its done marker records."""
+
     stage: Stage
     source: str       # upstream shard file
     target: str       # this stage's shard file

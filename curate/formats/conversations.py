@@ -143,10 +143,14 @@ def message_list_key(raw: dict) -> str:
 
 
 def convert_messages(raw: dict, notes: list[str]) -> Converted:
+    """OpenAI-style messages (`messages`, `conversation(s)`, τ-bench's `traj`) -> canonical messages, no
+    ground truth; BadRecord with the reason."""
     return role_content_messages(require_list(raw, message_list_key(raw)), notes=notes), None
 
 
 def convert_sharegpt(raw: dict, notes: list[str]) -> Converted:
+    """ShareGPT turns ({from, value}, or {role, content}) after an optional top-level `system` string ->
+    canonical messages, no ground truth; `function_call` turns become tool calls. BadRecord with the reason."""
     system = raw.get("system")
     if system is not None and not isinstance(system, str):
         raise BadRecord(f"field 'system' must be a string, got {type_name(system)}")
@@ -189,6 +193,9 @@ def _side(raw: dict, key: str, role: str, offset: int, notes: list[str]) -> list
 
 
 def convert_prompt_completion(raw: dict, notes: list[str]) -> Converted:
+    """`prompt` and the first of completion, response, answer, each a string or a list of messages (a bare
+    number as a reply is its text) -> the user side, then the assistant side; no ground truth. BadRecord
+    with the reason (no reply field, a side that is neither text nor messages, blank content)."""
     key = first_key(raw, COMPLETION_KEYS) or "completion"
     if key not in raw:
         raise BadRecord("no 'completion' or 'response' field")
@@ -197,6 +204,9 @@ def convert_prompt_completion(raw: dict, notes: list[str]) -> Converted:
 
 
 def convert_question_answer(raw: dict, notes: list[str]) -> Converted:
+    """GSM8K {question, answer} (the worked solution is the reply) or MATH {problem, solution} (its
+    `answer` field, if any, is the ground truth) -> a user and an assistant message; BadRecord for a missing
+    or blank field."""
     if "question" in raw:  # GSM8K: the answer is the worked solution; its "#### N" is read in adapters
         answer = _answer_text(raw, "answer")
         return [message("user", require_str(raw, "question")), message("assistant", answer)], None

@@ -34,6 +34,7 @@ def type_name(value: Any) -> str:
 
 
 def message(role: str, content: str) -> dict:
+    """A canonical {role, content} message (content as given: not checked here)."""
     return {"role": role, "content": content}
 
 
@@ -48,6 +49,7 @@ def require_str(raw: dict, key: str) -> str:
 
 
 def require_list(raw: dict, key: str) -> list:
+    """`raw[key]` when it is a list, else BadRecord naming the field."""
     value = raw.get(key)
     if not isinstance(value, list):
         raise BadRecord(f"field '{key}' must be a list, got {type_name(value)}")

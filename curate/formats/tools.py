@@ -85,6 +85,8 @@ def sharegpt_calls(index: int, value: Any, notes: list[str]) -> list[dict]:
 
 
 def optional_str(index: int, message: dict, key: str) -> str | None:
+    """`message[key]`, None when absent or null; BadRecord when it is not a string or holds an unpaired
+    surrogate."""
     value = message.get(key)
     if value is None:
         return None
@@ -94,6 +96,7 @@ def optional_str(index: int, message: dict, key: str) -> str | None:
 
 
 def tool_call_id(index: int, message: dict) -> str | None:
+    """A tool turn's `tool_call_id` (an integer as its text), None when absent; BadRecord for another type."""
     return _id(f"message {index}: tool_call_id", message.get("tool_call_id"))
 
 

@@ -18,6 +18,7 @@ _PATH_PAGES = PAGE_TYPES[1:]  # the index page's URL path is just the session id
 
 
 def is_page_visit(raw: dict) -> bool:
+    """Whether a raw line is one logged WebShop page visit: a string `page`, and `url` and `goal` fields."""
     return isinstance(raw.get("page"), str) and "url" in raw and "goal" in raw
 
 

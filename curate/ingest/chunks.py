@@ -27,12 +27,15 @@ _scan = json.JSONDecoder().scan_once
 
 @dataclass
 class ChunkResult:
+    """One chunk's result (`normalize_items`): canonical rows, quarantine rows and notes, in source order."""
+
     records: pa.Table  # canonical rows in source order, duplicates included (dedup is corpus-wide)
     bad: list[dict]    # quarantine rows in source order
     notes: dict[int, list[str]] = field(default_factory=dict)  # row of `records` -> its Normalized.notes
 
     @property
     def n_items(self) -> int:
+        """Input items the chunk held: its rows plus its quarantined records."""
         return self.records.num_rows + len(self.bad)
 
 

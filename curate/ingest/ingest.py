@@ -42,6 +42,8 @@ INGEST_RULES = 2
 
 @dataclass
 class IngestConfig:
+    """Options of ingest (the fields' comments); its shards are keyed by `cache_fields`."""
+
     inputs: list[str] = field(default_factory=list)   # files or folders, read recursively
     format: str = "auto"                              # or one of adapters.FORMATS, forced for every record
     shard_size: int = 256                             # records per shard: the unit of work and resume
@@ -70,6 +72,9 @@ class IngestConfig:
 
 @dataclass
 class IngestResult:
+    """What `ingest` found: quarantine rows (when no sink is given), counts, notes, the files read and those
+    skipped."""
+
     quarantine: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=lambda: {"input": 0, "duplicates": 0, "quarantined": 0})
     notes: dict = field(default_factory=dict)  # note -> records kept (not duplicates) that have it
@@ -146,6 +151,9 @@ def ingest(config: IngestConfig, write_shard: Callable[[int, pa.Table], None],
 
 
 def helper_count(config: IngestConfig, units: list[Path]) -> int:
+    """Helper processes for parsing JSON lines: --parse-procs when given (a negative one as 0), else one
+    per usable CPU when there are two or more and the JSON-lines units hold HELPERS_MIN_BYTES (12 MiB)
+    or more, else 0."""
     if config.parse_procs is not None:
         return max(0, config.parse_procs)
     jsonl = sum(p.stat().st_size for p in units if readers.is_json_lines(p))
@@ -164,6 +172,7 @@ class _Shards:
         self.kept: list[int] = []  # indices of the kept ones, into their concatenation
 
     def add(self, table: pa.Table, keep: list[bool]) -> None:
+        """Take one chunk's table and its keep flags (one per row); writes every shard that fills."""
         self.kept += [self.rows + i for i, k in enumerate(keep) if k]
         self.pending.append(table)
         self.rows += table.num_rows
@@ -171,6 +180,7 @@ class _Shards:
             self._emit(final=False)
 
     def finish(self) -> int:
+        """Write the last, shorter shard if kept rows are left; the number of shards written."""
         if self.kept:
             self._emit(final=True)
         return self.count

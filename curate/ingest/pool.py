@@ -40,6 +40,7 @@ Chunk = tuple[str, int, bytes]  # source, first line's index, the lines
 
 
 def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one, else the CPU count (1 if unknown)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -54,6 +55,9 @@ def _widen(fd: int) -> int:
 
 
 class Helper:
+    """One helper process (`serve`) fed chunks through its stdin pipe; counts the bytes it has not answered.
+    OSError when the interpreter cannot be started."""
+
     def __init__(self, fmt: str, tools: str | None = None):
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-c", _BOOT.format(root=_PACKAGE_ROOT, fmt=fmt)],
@@ -72,6 +76,7 @@ class Helper:
         return self.unanswered == 0 or self.unanswered + _size(chunk) <= self.capacity // 2
 
     def send(self, chunk: Chunk) -> bool:
+        """Write one chunk request; False when the helper is gone (broken pipe): the caller redoes the chunk."""
         source, start, data = chunk
         name = source.encode()
         try:
@@ -84,11 +89,13 @@ class Helper:
         return True
 
     def receive(self, chunk: Chunk) -> ChunkResult | None:
+        """The helper's answer to `chunk`, the oldest it has not answered; None when it died before answering."""
         result = read_encoded(self.proc.stdout.read)
         self.unanswered -= _size(chunk)
         return result
 
     def close(self, kill: bool = False) -> None:
+        """Close its pipes and wait for the process (killed first with `kill`); its stderr file is dropped."""
         if kill:
             self.proc.kill()
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -190,6 +197,7 @@ class HelperPool:
                     code, f": {why}" if why else "")
 
     def close(self) -> None:
+        """Kill every helper and forget the pending chunks (also on leaving the `with` block)."""
         for helper in self.helpers:  # killed: an orderly interpreter exit would take ~0.2 s, for nothing
             helper.close(kill=True)
         self.helpers.clear()
@@ -207,12 +215,16 @@ class _NoPandas:
     pandas object; a helper has no pandas objects, so the import is refused and pyarrow goes on."""
 
     def find_spec(self, name, path=None, target=None):
+        """The meta path finder hook: ModuleNotFoundError for pandas and its submodules, None (not found here)
+        for any other module."""
         if name == "pandas" or name.startswith("pandas."):
             raise ModuleNotFoundError(f"{name} is not used by ingest helpers", name=name)
         return None
 
 
 def serve(fmt: str) -> None:
+    """A helper's main loop: read the default tools, then answer each chunk request on stdin with its
+    ChunkResult frame on stdout, until stdin ends."""
     if "pandas" not in sys.modules:
         sys.meta_path.insert(0, _NoPandas())
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer

@@ -65,21 +65,25 @@ def write_arrow(path: str | os.PathLike, table: pa.Table, digest: bool = True) -
 
 
 def read_arrow(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """An Arrow IPC stream file, memory-mapped; only `columns` when given (KeyError for one it lacks)."""
     with pa.memory_map(str(path)) as source:
         table = pa.ipc.open_stream(source).read_all()
     return table.select(columns) if columns else table
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` atomically as indented JSON (keys sorted, non-ASCII kept, a final newline)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def read_json(path: str | os.PathLike):
+    """A JSON file's value (ValueError when it is not JSON)."""
     return json.loads(Path(path).read_text())
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write `rows` atomically as JSON lines, one canonical object (keys sorted) per line; the row count."""
     with jsonl_writer(path) as sink:
         for row in rows:
             sink.write(row)
@@ -93,6 +97,7 @@ class JsonlSink:
         self._fh, self.count = fh, 0
 
     def write(self, row: dict) -> None:
+        """Append one row as a line of JSON (keys sorted, non-ASCII kept)."""
         self._fh.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
         self.count += 1
 
@@ -116,6 +121,7 @@ def jsonl_writer(path: str | os.PathLike) -> Iterator[JsonlSink]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):

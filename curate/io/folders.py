@@ -77,6 +77,7 @@ def locked(lock_path: Path, folder: Path, option: str) -> Iterator[None]:
 
 
 def output_lock_path(out: Path) -> Path:
+    """The lock file of output folder `out`: `.NAME.curate.lock` beside it, so it outlives the folder's swap."""
     return out.parent / f".{out.name}{LOCK_SUFFIX}"
 
 
@@ -178,6 +179,7 @@ def job_folders(out: Path, work: Path | None, inputs: Sequence[str | os.PathLike
 
 
 def staging_path(out: Path) -> Path:
+    """Where `out`'s next output is built before its switch: `.NAME.staging` beside it."""
     return out.parent / f".{out.name}.staging"
 
 

@@ -113,6 +113,8 @@ class _Scan:
         self.failed = False    # the current given folder had an error that --skip-bad-files listed
 
     def add(self, unit: Path) -> None:
+        """List one input unit once (by resolved path); a path that is not valid UTF-8 is refused instead
+        (`bad`: UnreadableFile, or a skipped entry with --skip-bad-files)."""
         if display_path(unit) != str(unit):
             self.bad(unit, "the path is not valid UTF-8 (rename it)")
             return

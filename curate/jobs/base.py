@@ -39,6 +39,9 @@ class StageRun:
 
 
 class Job:
+    """A job (module doc): a subclass declares `name`, `config`, `partitions` and `balance` and defines
+    `stages`, `corpus` and `summary`; `run` runs it."""
+
     name: ClassVar[str]
     config: ClassVar[type]                 # its options: a config.RunOptions dataclass
     partitions: ClassVar[tuple[str, ...]]  # output folders of row shards

@@ -35,6 +35,9 @@ class NothingRouted(ValueError):
 
 
 class PrismJob(Job):
+    """`curate prism`: tokenize and probe every record, then route the probed rows into OUT/sft/ and
+    OUT/rl/ (module doc)."""
+
     name = "prism"
     config = PrismConfig
     partitions = route.PARTITIONS

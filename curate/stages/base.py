@@ -53,6 +53,9 @@ def config_key(config) -> dict:
 
 
 class Stage:
+    """A per-shard stage (module doc): a subclass sets `name`, `reads` and `writes` and defines `run`;
+    `config` is its options dataclass."""
+
     name: ClassVar[str]
     reads: ClassVar[tuple[str, ...]]
     writes: ClassVar[pa.Schema]
@@ -73,6 +76,8 @@ class Stage:
         return {}
 
     def run(self, shard: pa.Table) -> pa.Table:
+        """The stage's columns for one shard (the upstream shard's `reads` columns): exactly `writes`, one row
+        per input row in input order (returned through `check`)."""
         raise NotImplementedError
 
     def check(self, shard: pa.Table, out: pa.Table) -> pa.Table:

@@ -21,6 +21,9 @@ from curate.stages.base import Stage
 
 @dataclass
 class ContinuationConfig:
+    """Options of the continuation stage (the fields' comments). ValueError unless stages >= 1 and
+    0 <= stage < stages."""
+
     generation: generation.GenerationConfig = field(default_factory=generation.GenerationConfig)
     stages: int = 1          # T: the prompts are split into T chunks, one per IRFT stage
     stage: int = 0           # t: the chunk generated now (from the model trained after stage t-1)
@@ -31,6 +34,7 @@ class ContinuationConfig:
 
 
 def stage_of(record_id: str, stages: int) -> int:
+    """The IRFT stage (0 .. stages-1) of a record: the first 60 bits of its id's stable hash, mod `stages`."""
     return int(stable_hash(["irft-stage", record_id])[:15], 16) % stages
 
 
@@ -44,6 +48,10 @@ def demonstration(messages: list[dict]) -> tuple[list[dict], dict] | None:
 
 
 class Continuation(Stage):
+    """IRFT's generation per shard: the prompt, y and the generator's reply ỹ of each record of the stage
+    being built; the rest carry their `stage` only, and `pair_error` with the reason for a record that
+    cannot be paired."""
+
     name = "continuation"
     runs_model = True
     reads = ("id", "messages", "tools")

@@ -21,6 +21,8 @@ LOGP_COLUMNS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejec
 
 @dataclass
 class PairScoresConfig:
+    """Options of the pair_scores stage (the fields' comments)."""
+
     model: str | None = model_field()  # π: the generator, whose log-probs make the implicit reward
     ref_model: str | None = model_field(none_is_default=False)     # π_ref; None: the same model as π
     reward_model: str | None = model_field(none_is_default=False)  # an AutoModelForSequenceClassification folder
@@ -30,6 +32,10 @@ class PairScoresConfig:
 
 
 class PairScores(Stage):
+    """Per pair: summed log-probs (nats) of y and ỹ given the prompt under the policy and the reference
+    (float64), reward-model scores (float32) and reply lengths in tokens; null for rows without a prompt
+    (the rm scores also without --reward-model)."""
+
     name = "pair_scores"
     runs_model = True
     reads = ("prompt", "chosen", "rejected_text", "tools")

@@ -31,6 +31,8 @@ PREFIX_MODES = ("rl", "all", "none")   # which routed rows carry the annotations
 
 @dataclass
 class PrefixConfig:
+    """Options of the prefix stage (the fields' comments)."""
+
     tokenizer: str | None = model_field()  # whose tokens L counts (default: the probe model's)
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
     chat_template: str | None = None  # template text used instead of the tokenizer's (--chat-template)
@@ -38,6 +40,9 @@ class PrefixConfig:
 
 @dataclass(frozen=True)
 class Demo:
+    """One record's Prefix-RFT annotation: the demonstration after the prompt, its length in tokens and the
+    clean cut points (token counts L, 0 < L < n_tokens)."""
+
     text: str
     n_tokens: int
     cut_points: list[int]
@@ -73,6 +78,8 @@ def cut_points(text: str, offsets: list[tuple[int, int]], turn_starts: list[int]
 
 def annotate(tokenizer, messages: list[dict], tools: list[dict] | None = None,
              chat_template: str | None = None) -> Demo | None:
+    """The Demo of one conversation (None when nothing follows the prompt); TemplateError when the
+    template refuses it, and whatever the tokenizer raises."""
     text, turn_starts = demo_text(tokenizer, messages, tools, chat_template)
     if not text:
         return None
@@ -81,6 +88,9 @@ def annotate(tokenizer, messages: list[dict], tools: list[dict] | None = None,
 
 
 class Prefix(Stage):
+    """Prefix-RFT annotations per shard (module doc): demo, demo_len_tokens, cut_points; null for a record
+    the template or tokenizer refuses."""
+
     name = "prefix"
     reads = ("messages", "tools")
     writes = pa.schema([("demo", pa.string()), ("demo_len_tokens", pa.int32()),

@@ -27,6 +27,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class ProbeConfig:
+    """Options of the probe stage (the fields' comments); ValueError for --modules with --allow-partial."""
+
     model: str | None = model_field()          # None: the embedded SmolLM2-135M-Instruct
     device: str = no_effect("auto")            # auto: cuda when present; fp32 results agree across devices
     dtype: str = keyed("auto", lambda c: resolved_dtype(c.dtype))  # auto: fp32 (see resolved_dtype)
@@ -52,6 +54,9 @@ def resolved_dtype(dtype: str) -> str:
 
 
 class Probe(Stage):
+    """PRISM's probe per shard: mean NLL per target token (nats), per-entry gradient norms (list<float32>,
+    RoleMap order), their L2 total and the NORM_METRICS; null for rows with a token_error."""
+
     name = "probe"
     runs_model = True
     version = {"role_map": ROLE_MAP_VERSION}
@@ -60,6 +65,8 @@ class Probe(Stage):
                         ("grad_norm_total", pa.float32())] + [(m, pa.float32()) for m in schema.NORM_METRICS])
 
     def role_map(self, model) -> roles.RoleMap:
+        """The architecture map of `model` for this config's modules and allow_partial (NotCovered or
+        ValueError when the map cannot be built)."""
         return roles.role_map(model, tuple(self.config.modules), self.config.allow_partial)
 
     def describe(self) -> dict:

@@ -16,6 +16,8 @@ from curate.stages.base import Stage, model_field, no_effect
 
 @dataclass
 class RewardConfig:
+    """Options of the reward stage (the fields' comments); `reward_model` is required."""
+
     reward_model: str = model_field(MISSING)  # an AutoModelForSequenceClassification folder
     device: str = no_effect("auto")           # the scores agree across devices up to float rounding
     batch_tokens: int = no_effect(8192)
@@ -23,6 +25,8 @@ class RewardConfig:
 
 
 class Reward(Stage):
+    """The reward model's score of every record's whole conversation: `rm_score`, one float32 per record."""
+
     name = "reward"
     runs_model = True
     reads = ("messages", "tools")

@@ -28,6 +28,9 @@ DEFAULT_FEEDBACK = "Incorrect. Please think again."
 
 @dataclass
 class RolloutConfig:
+    """Options of the rollout stage (the fields' comments). ValueError for samples or turns < 1, or a
+    verifier that `verifiers.get` cannot load."""
+
     generation: generation.GenerationConfig = field(default_factory=generation.GenerationConfig)
     samples: int = 8                       # K trajectories per prompt
     turns: int = 5                         # T: answers per trajectory at most
@@ -43,6 +46,7 @@ class RolloutConfig:
 
     @property
     def recorded(self) -> bool:
+        """Whether the verifier is `recorded`: the input's trajectory is replayed, nothing is generated."""
         return self.verifier == "recorded"
 
 
@@ -51,6 +55,9 @@ def _bool_lists():
 
 
 class Rollout(Stage):
+    """DRIFT's rollouts per shard (module doc): one row per record, lists over its K trajectories and, inside,
+    their turns; `rollout_error` instead for a record that cannot be rolled out."""
+
     name = "rollout"
     reads = schema.columns(schema.RECORD)
     writes = pa.schema([("trajectories", pa.list_(schema.MESSAGES)), ("turn_correct", _bool_lists()),

@@ -19,6 +19,8 @@ from curate.stages.base import Stage, model_field
 
 @dataclass
 class TokenizeConfig:
+    """Options of the tokenize stage (the fields' comments)."""
+
     model: str | None = model_field()  # whose tokenizer and chat template (the probe model's)
     max_length: int | None = None     # cut the start of longer examples, keeping the last turns
     trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
@@ -26,6 +28,10 @@ class TokenizeConfig:
 
 
 class Tokenize(Stage):
+    """Chat encoding per shard (module doc): input_ids (int32) and loss_mask (int8) of equal length and counts
+    in tokens; `token_error` set for a record the template or tokenizer refuses (its ids empty) or that
+    has no target token left."""
+
     name = "tokenize"
     version = {"encoding": chat.ENCODING_VERSION}
     reads = ("messages", "tools")
@@ -35,6 +41,8 @@ class Tokenize(Stage):
                         ("unrendered", pa.list_(pa.string()))])
 
     def tokenizer(self):
+        """The model's tokenizer (cached per process); ModelError when it has no chat template and no
+        --chat-template is given."""
         ref = models.resolve(self.config.model, self.config.trust_remote_code)
         return models.load_tokenizer(ref, require_template=self.config.chat_template is None)
 
