@@ -46,7 +46,7 @@ RANGES = {
     "quantile": (0, 1, False), "samples": (1, None, False), "turns": (1, None, False),
     "temperature": (0, None, False), "top_p": (0, 1, True), "max_new_tokens": (1, None, False),
     "gamma": (0, 1, True), "beta": (0, None, True), "max_weight": (0, None, True),
-    "repetition_penalty": (0, None, False), "stages": (1, None, False), "stage": (0, None, False),
+    "repetition_penalty": (0, None, False), "format_penalty": (None, 0, False), "stages": (1, None, False), "stage": (0, None, False),
 }
 
 
@@ -64,7 +64,8 @@ def check_ranges(cfg) -> None:
             raise ValueError(f"{flag} must be a finite number, got {value}")
         low, high, open_low = RANGES.get(f.name, (None, None, False))
         if (low is not None and (value <= low if open_low else value < low)) or (high is not None and value > high):
-            bounds = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            bounds = " and ".join(([f"{'>' if open_low else '>='} {low}"] if low is not None else [])
+                                  + ([f"<= {high}"] if high is not None else []))
             raise ValueError(f"{flag} must be {bounds}, got {value}")
 
 
@@ -300,7 +301,7 @@ def _scalar_type(f: dataclasses.Field, cls=PrismConfig):
     return base
 
 
-def from_args(ns: argparse.Namespace, cls=PrismConfig) -> PrismConfig:
+def from_args(ns: argparse.Namespace, cls=PrismConfig) -> RunOptions:
     """The job config `cls` from parsed flags: the namespace's attributes that are fields of `cls` (flags
     not given keep their defaults). ValueError from its type and range checks."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -322,7 +323,7 @@ def _yaml_value(text: str):
     return value
 
 
-def load_yaml(path: str | Path, overrides: list[str] = (), cls=PrismConfig) -> PrismConfig:
+def load_yaml(path: str | Path, overrides: list[str] = (), cls=PrismConfig) -> RunOptions:
     """A pipelines/*.yaml file (top-level keys are the fields) with key=value overrides on top."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     for item in overrides:

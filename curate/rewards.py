@@ -22,9 +22,10 @@ def load_reward_model(ref: models.ModelRef, device: str = "cpu"):
     no chat template."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None,
-        trust_remote_code=ref.trust_remote_code)
+    with models.load_errors(ref, "reward model"):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None,
+            trust_remote_code=ref.trust_remote_code)
     if model.config.num_labels != 1:
         raise models.ModelError(f"{ref.name}: a reward model has one output (num_labels=1), "
                                 f"this one has {model.config.num_labels}")

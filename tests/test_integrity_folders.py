@@ -360,16 +360,21 @@ def test_folders_beside_the_output_that_are_not_curates_are_never_touched(routed
     assert after == before
 
 
-def test_a_non_finite_probe_result_quarantines_its_row(routed):
+@pytest.mark.parametrize("failure", ["infinite loss", "NaN gradient"])
+def test_a_non_finite_probe_result_quarantines_its_row(routed, failure):
     work = routed / ".work"
     state = json.loads((work / "state.json").read_text())
     shard = Path(state["probe"][0]["path"])
     t = pa.ipc.open_stream(pa.OSFile(str(shard))).read_all()
-    loss = t.column("probe_loss").to_pylist()
-    loss[0] = float("inf")  # as a model that overflows on this one example gives
+    cols = t.to_pydict()
+    if failure == "infinite loss":  # as a model that overflows on this one example gives
+        cols["probe_loss"][0] = float("inf")
+    else:  # the probe stage's row for a NaN gradient: no norms, NaN loss and total, null metrics
+        cols["probe_loss"][0] = cols["grad_norm_total"][0] = float("nan")
+        for name in ("grad_norms", "gini", "cv", "kurtosis", "magnitude"):
+            cols[name][0] = None
     from curate.io.atomic import write_arrow
-    sha = write_arrow(shard, t.set_column(t.schema.get_field_index("probe_loss"), "probe_loss",
-                                          pa.array(loss, pa.float32())))
+    sha = write_arrow(shard, pa.table(cols, schema=t.schema))
     marker = shard.with_suffix(".done.json")
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "sha256": sha}))
     state["probe"][0]["sha256"] = sha

@@ -32,15 +32,18 @@ def signal_columns(paths: list[str]) -> pa.Table | None:
     return pa.table({name: t.column(name) for t in tables for name in t.column_names})
 
 
-def _scored_probe(probe: pa.Table, metric: str) -> tuple[pa.Table, pa.Array]:
-    """The probe shard with the rows it scored but whose loss, total norm or stored routing score is not
-    finite (the model overflowed on that example, e.g. in bf16) nulled like unscored rows, and the mask of
-    those rows: route quarantines them (stage "probe") instead of routing a NaN."""
+def _scored_probe(probe: pa.Table, metric: str, token_error: pa.ChunkedArray) -> tuple[pa.Table, pa.Array]:
+    """The probe shard with the rows it failed on nulled like unscored rows, and the mask of those rows:
+    route quarantines them (stage "probe") instead of routing a NaN. A row fails when it was tokenized
+    (`token_error` null) but has no gradient norms (the probe stores none when the gradient is NaN), or
+    its loss, total norm or stored routing score is not finite (the model overflowed on that example,
+    e.g. in bf16)."""
     scored = pc.is_valid(probe.column("grad_norms"))
     finite = pc.and_(pc.is_finite(probe.column("probe_loss")), pc.is_finite(probe.column("grad_norm_total")))
     if metric in probe.column_names:
         finite = pc.and_(finite, pc.is_finite(probe.column(metric)))
-    bad = pc.and_(scored, pc.invert(pc.fill_null(finite, False)))
+    bad = pc.or_(pc.and_(scored, pc.invert(pc.fill_null(finite, False))),
+                 pc.and_(pc.is_null(token_error), pc.invert(scored)))
     if not pc.any(bad).as_py():
         return probe, bad
     nulled = {name: pc.if_else(bad, pa.scalar(None, probe.schema.field(name).type), probe.column(name))
@@ -49,8 +52,8 @@ def _scored_probe(probe: pa.Table, metric: str) -> tuple[pa.Table, pa.Array]:
 
 
 def _shard_scores(paths: tuple, cfg: route.RouteConfig) -> np.ndarray:
-    ing, _, prb, _ = paths
-    probe, _ = _scored_probe(read_arrow(prb), cfg.metric)  # memory-mapped: columns not used are not read
+    ing, tok, prb, _ = paths
+    probe, _ = _scored_probe(read_arrow(prb), cfg.metric, read_arrow(tok, ["token_error"]).column("token_error"))  # memory-mapped: columns not used are not read
     if cfg.metric in probe.column_names:  # stored by the probe stage (older caches: computed here)
         # a copy: a view would keep the shard's memory map, and the pages it touched, for the whole run
         return probe.column(cfg.metric).drop_null().to_numpy().copy()
@@ -87,7 +90,7 @@ def route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg: 
     (an engine.outputs.JobOutput; safe from several threads)."""
     ing, tok, prb, sig = paths
     records, tokens = read_arrow(ing), read_arrow(tok)
-    probe, overflow = _scored_probe(read_arrow(prb), cfg.metric)
+    probe, overflow = _scored_probe(read_arrow(prb), cfg.metric, tokens.column("token_error"))
     truncated = pc.sum(tokens.column("truncated")).as_py() or 0
     template = Counter()
     if "tool_rendering" in tokens.column_names:  # caches from before tool support have no such column

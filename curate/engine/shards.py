@@ -77,7 +77,8 @@ def run_sharded(stage: Stage, upstream: list[dict], folder: Path, executor, forc
 def remove_parts_beyond(folder: Path, n: int) -> None:
     """Shards (and markers) numbered n and above: left by an earlier run over more input."""
     for p in folder.glob("part-*"):
-        if int(p.name[5:10]) >= n:
+        number = p.name[5:].split(".", 1)[0]
+        if number.isdigit() and int(number) >= n:
             p.unlink()
 
 

@@ -198,7 +198,7 @@ def convert_prompt_completion(raw: dict, notes: list[str]) -> Converted:
     with the reason (no reply field, a side that is neither text nor messages, blank content)."""
     key = first_key(raw, COMPLETION_KEYS) or "completion"
     if key not in raw:
-        raise BadRecord("no 'completion' or 'response' field")
+        raise BadRecord("no 'completion', 'response' or 'answer' field")
     prompt = _side(raw, "prompt", "user", 0, notes)
     return prompt + _side(raw, key, "assistant", len(prompt), notes), None
 

@@ -1,7 +1,7 @@
 """One chunk of input records -> canonical rows and quarantine rows: the per-record half of ingest.
 
 It is a pure function of the chunk, so it runs the same in this process or in a helper process
-(ingest_pool); deduplication and sharding, which need the whole corpus in order, stay with the caller.
+(ingest.pool); deduplication and sharding, which need the whole corpus in order, stay with the caller.
 Chunks never split what must be read together (a WebShop session), so chunked results concatenated
 in order are exactly what one pass over the file gives."""
 

@@ -5,8 +5,8 @@ streams records, drops exact duplicates (same content id, first one kept) and qu
 with their file, line and reason. Nothing is held beyond a few chunks and one shard, except the set of
 ids seen (for deduplication: about 140 bytes per unique record).
 
-Parsing and normalising, most of the work, is done chunk by chunk (ingest_chunks); JSON-lines chunks go
-to helper processes (ingest_pool) when the input is large enough to pay for starting them. Their
+Parsing and normalising, most of the work, is done chunk by chunk (ingest.chunks); JSON-lines chunks go
+to helper processes (ingest.pool) when the input is large enough to pay for starting them. Their
 results are taken in input order, so the shards are the same bytes with or without helpers.
 
 A file that cannot be read raises `readers.UnreadableFile` naming it; with `skip_bad_files` it is

@@ -60,12 +60,20 @@ class Helper:
 
     def __init__(self, fmt: str, tools: str | None = None):
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT.format(root=_PACKAGE_ROOT, fmt=fmt)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT.format(root=_PACKAGE_ROOT, fmt=fmt)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        except OSError:
+            self.stderr.close()
+            raise
         # the tools go by pipe, not argv: a large tool set could pass the kernel's argument size limit
         text = b"" if tools is None else tools.encode()
-        self.proc.stdin.write(_TOOLS.pack(-1 if tools is None else len(text)) + text)
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(_TOOLS.pack(-1 if tools is None else len(text)) + text)
+            self.proc.stdin.flush()
+        except OSError:  # it died at once: no process or file may outlive this failed start
+            self.close(kill=True)
+            raise
         self.capacity = _widen(self.proc.stdin.fileno())
         _widen(self.proc.stdout.fileno())  # a finished result waits in the pipe, not in the helper
         self.unanswered = 0  # bytes sent that have no answer yet
@@ -126,7 +134,7 @@ class HelperPool:
                 log.warning("ingest: could not start a helper process (%s); parsing in this process", e)
 
     def map(self, source: str, chunks: Iterable[tuple[int, bytes]]) -> Iterator[ChunkResult]:
-        """Results of `ingest_chunks.normalize_lines` for each (first line's index, lines) chunk, in
+        """Results of `curate.ingest.chunks.normalize_lines` for each (first line's index, lines) chunk, in
         order. If `chunks` raises, the results of the chunks before it are yielded first."""
         todo = ((source, start, data) for start, data in chunks)
         failure: list[Exception] = []
