@@ -13,6 +13,10 @@ class InputError(Exception):
     """Bad input or usage: exit code 2."""
 
 
+# the options of `curate route`: every routing option of prism (the fields of RouteConfig)
+ROUTE_OPTIONS = ("metric", "quantile", "threshold", "reverse", "seed", "stratify", "control", "module_scale", "bootstrap")
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     """prism, drift, irft: the subcommand's flags -> its job config -> the run's summary."""
     from curate import config
@@ -29,8 +33,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     from curate.jobs.prism import PrismJob
     from curate.jobs.reroute import reroute
 
-    names = ("metric", "quantile", "threshold", "reverse", "seed")
-    rcfg = RouteConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
+    rcfg = RouteConfig(**{k: getattr(args, k) for k in ROUTE_OPTIONS if hasattr(args, k)})
     print(PrismJob.summary(reroute(args.work, args.out, rcfg), args.out))
     return 0
 
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("route", help="re-route a finished prism run from its cache (no gradients)")
     p.add_argument("--work", required=True, help="the prism run's work folder (default of prism: OUT/.work)")
     p.add_argument("--out", required=True, help="output folder for sft/, rl/, quarantine/, manifest.json")
-    config.add_arguments(p, only=("metric", "quantile", "threshold", "reverse", "seed"))
+    config.add_arguments(p, JOBS["prism"].config, only=ROUTE_OPTIONS)
     p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("drift", help="K verified multi-turn rollouts per prompt -> DRIFT-weighted SFT data")

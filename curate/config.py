@@ -25,7 +25,7 @@ from curate.stages.prefix import PREFIX_MODES, PrefixConfig
 from curate.stages.reward import RewardConfig
 from curate.stages.probe import ProbeConfig
 from curate.stages.rollout import DEFAULT_FEEDBACK, RolloutConfig
-from curate.corpus.route import RouteConfig
+from curate.corpus.route import CONTROLS, MODULE_SCALES, STRATIFY, RouteConfig
 from curate.stages.tokenize import TokenizeConfig
 from curate.corpus.weights import ALL_FAIL, WeightsConfig
 
@@ -46,7 +46,7 @@ RANGES = {
     "quantile": (0, 1, False), "samples": (1, None, False), "turns": (1, None, False),
     "temperature": (0, None, False), "top_p": (0, 1, True), "max_new_tokens": (1, None, False),
     "gamma": (0, 1, True), "beta": (0, None, True), "max_weight": (0, None, True),
-    "repetition_penalty": (0, None, False), "format_penalty": (None, 0, False), "stages": (1, None, False), "stage": (0, None, False),
+    "repetition_penalty": (0, None, False), "format_penalty": (None, 0, False), "stages": (1, None, False), "stage": (0, None, False), "bootstrap": (0, None, False),
 }
 
 
@@ -196,7 +196,11 @@ class PrismConfig(RunOptions):
     quantile: float = opt(0.5, "split at this quantile of the corpus score")
     threshold: float | None = opt(None, "split at this fixed score instead of a quantile")
     reverse: bool = opt(False, "send high scores to sft and low to rl")
-    seed: int = opt(0, "seed of the random control metric")
+    seed: int = opt(0, "seed of the random control metric, the threshold's bootstrap and the length fit")
+    stratify: str = opt("none", "take the quantile within each group: every source (input file) or format split at its own median", choices=STRATIFY)
+    control: str = opt("none", "length: route on the score's residual after a robust fit on log n_loss_tokens (see README, Routing diagnostics)", choices=CONTROLS)
+    module_scale: str = opt("none", "numel: divide each module's gradient norm by sqrt(d_out * d_in) before the concentration metric", choices=MODULE_SCALES)
+    bootstrap: int = opt(200, "bootstrap resamples of the threshold (its interval and each row's route_confidence; 0: none)")
     prefix: str = opt("rl", "Prefix-RFT annotations (demo, demo_len_tokens, cut_points) on these rows", choices=PREFIX_MODES)
     prefix_tokenizer: str | None = opt(None, "tokenizer whose tokens demo_len_tokens and cut_points count (default: the probe model's)")
     reward_model: str | None = opt(None, "AutoModelForSequenceClassification folder: adds rm_score to every row")

@@ -24,6 +24,8 @@ import pyarrow.compute as pc
 
 from curate.io.atomic import TMP_SUFFIX, atomic_path, read_arrow, read_json
 from curate.report_plots import grouped_bars, norm_heatmaps, score_histograms, value_histograms
+from curate.report_routing import (LENGTH, RoutingScan, attribution_section, diagnostics_section, examples_section,
+                                   scatter_section, warnings_section)
 
 REPORT = "report.html"
 PARTITIONS = ("sft", "rl", "pairs")   # pairs: `curate irft`
@@ -42,6 +44,7 @@ class Partition:
     norm_rows: int = 0
     sources: Counter = field(default_factory=Counter)
     signals: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    routing: RoutingScan = field(default_factory=RoutingScan)
 
     def score_array(self) -> np.ndarray:
         """Every finite routing score of the partition, shards in order (float64; empty without scores)."""
@@ -95,7 +98,7 @@ def scan_shard(path: Path, part: Partition, n_modules: int) -> None:
     """Add one shard's rows to its partition's running aggregates."""
     try:
         names = _stream_schema(path).names
-        wanted = [c for c in names if c in ("score", "grad_norms", "source") or _is_signal(c)]
+        wanted = [c for c in names if c in ("score", "grad_norms", "source", "threshold", LENGTH) or _is_signal(c)]
         table = read_arrow(path, wanted) if wanted else None
         rows = table.num_rows if table is not None else read_arrow(path).num_rows
     except (pa.ArrowInvalid, OSError) as e:
@@ -110,6 +113,7 @@ def scan_shard(path: Path, part: Partition, n_modules: int) -> None:
         part.sources.update({d["values"]: d["counts"] for d in counts})
     for name in (c for c in names if _is_signal(c) and _numeric(table.schema.field(c).type)):
         part.signals.setdefault(name, []).append(_finite(table.column(name)))
+    part.routing.observe(table, path)
     if "grad_norms" in names and n_modules:
         norms = table.column("grad_norms").combine_chunks().drop_null()
         lengths = pc.list_value_length(norms).to_numpy(zero_copy_only=False)
@@ -161,7 +165,7 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 8px}
 td.n{text-align:right;font-variant-numeric:tabular-nums}figure{margin:1em 0}img{max-width:100%}
-figcaption{font-size:.85em;color:#555}.note{color:#555;font-size:.9em}"""
+figcaption{font-size:.85em;color:#555}.note{color:#555;font-size:.9em}.warn{color:#8a4b00}"""
 
 
 def _e(value) -> str:
@@ -197,7 +201,7 @@ def _overview(s: Summary) -> str:
     if model is None and m.get("job") == "drift":
         model = {"name": "none (recorded outcomes)"}
     rows.append(["model", model.get("name", "?") if isinstance(model, dict) else model or "?"])
-    for key in ("metric", "quantile", "threshold", "rule"):
+    for key in ("metric", "quantile", "threshold", "stratify", "control", "module_scale", "rule"):
         if key in (m.get("routing") or {}):
             rows.append([f"routing {key}", m["routing"][key]])
     rows += [[f"count {k}", v] for k, v in (m.get("counts") or {}).items()]
@@ -272,11 +276,25 @@ def _signals(s: Summary) -> str:
             + _table("signal-stats", ["column", "partition", "rows", "mean", "min", "max"], rows))
 
 
+def _scans(s: Summary) -> dict[str, RoutingScan]:
+    return {k: p.routing for k, p in s.parts.items() if k in ("sft", "rl")}
+
+
+def _routing(s: Summary) -> str:
+    """The diagnostics' tables and the score-against-length scatter (routed folders)."""
+    metric = (s.manifest.get("routing") or {}).get("metric", "score")
+    scores = {k: p.score_array() for k, p in s.parts.items() if k in ("sft", "rl")}
+    return diagnostics_section(s.manifest, _table) + scatter_section(scores, _scans(s), metric, _figure)
+
+
 def render(s: Summary) -> str:
     """The page as a string: escaped text, inline CSS and data-URI images only."""
     job = s.manifest.get("job", "prism")
     parts = ", ".join(f"{k} {p.rows}" for k, p in s.parts.items())
-    body = "".join([_overview(s), _scores(s), _norms(s), _sources(s), _quarantine(s), _signals(s)])
+    body = "".join([warnings_section(s.manifest), _overview(s), _scores(s), _routing(s), _norms(s),
+                    attribution_section(s.manifest, _scans(s), _figure, _table), _sources(s),
+                    examples_section(_scans(s), sum((p.sources for p in s.parts.values()), Counter()), _table),
+                    _quarantine(s), _signals(s)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>curate report: {_e(job)}</title>'
             f"<style>{CSS}</style></head><body><h1>curate report: {_e(job)}</h1>"
             f'<p class="note">rows: {_e(parts)}</p>{body}</body></html>\n')

@@ -37,7 +37,7 @@ def score_histograms(scores: dict[str, np.ndarray], threshold: float | None, met
     """One panel per partition on shared bins, each with the routing threshold as a vertical line."""
     parts = [p for p, s in scores.items() if s.size]
     both = np.concatenate([scores[p] for p in parts])
-    bins = np.histogram_bin_edges(both, bins=min(50, max(10, int(math.sqrt(both.size)))))
+    bins = threshold_bins(both, threshold, min(50, max(10, int(math.sqrt(both.size)))))
     fig = Figure(figsize=(8, 2.4 * len(parts)), layout="constrained")
     axes = fig.subplots(len(parts), 1, sharex=True, squeeze=False)[:, 0]
     for ax, part in zip(axes, parts):
@@ -47,6 +47,58 @@ def score_histograms(scores: dict[str, np.ndarray], threshold: float | None, met
             ax.legend(loc="upper right", fontsize=8)
         ax.set_ylabel(f"{part} (n={scores[part].size})")
     axes[-1].set_xlabel(metric)
+    return to_data_uri(fig)
+
+
+def threshold_bins(values: np.ndarray, threshold: float | None, n: int) -> np.ndarray:
+    """About n equal-width bin edges covering `values`, one of them at `threshold` (when it is finite and
+    inside the range; the next float above it), so no bin mixes rows routed to both sides."""
+    lo, hi = float(values.min()), float(values.max())
+    if threshold is None or not math.isfinite(threshold) or not lo <= threshold <= hi or hi == lo:
+        return np.histogram_bin_edges(values, bins=n)
+    width = (hi - lo) / n
+    below, above = math.ceil((threshold - lo) / width), math.ceil((hi - threshold) / width)
+    edges = threshold + width * np.arange(-below, above + 1)
+    # numpy's bins are closed on the left, and a score equal to the threshold is routed with the scores
+    # below it: the edge goes just above the threshold, so that score lands left of the line
+    edges[below] = np.nextafter(threshold, math.inf)
+    if edges[-1] <= hi:  # the maximum belongs to the last bin, whose right edge is inclusive
+        edges = np.append(edges, edges[-1] + width)
+    return edges
+
+
+def score_scatter(points: dict[str, tuple[np.ndarray, np.ndarray]], length: str, metric: str) -> str:
+    """Score against length (log axis), one colour per partition; `points`: partition -> (lengths, scores)."""
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for part, (x, y) in points.items():
+        if len(x):
+            ax.scatter(np.maximum(x, 1), y, s=6, color=_color(part), alpha=0.6, label=f"{part} (n={len(x)})")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{length} (log)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    return to_data_uri(fig)
+
+
+def share_profiles(by_role: dict[str, dict[str, float]], by_layer: dict[str, dict[str, float]]) -> str:
+    """Mean share of the squared gradient norm per role (bars) and per layer (lines), one colour per
+    partition; each argument: partition -> {role or layer: share}."""
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[1, 2])
+    roles = list(dict.fromkeys(r for shares in by_role.values() for r in shares))
+    width = 0.8 / max(1, len(by_role))
+    for j, (part, shares) in enumerate(by_role.items()):
+        left.bar(np.arange(len(roles)) + j * width, [shares.get(r, 0.0) for r in roles], width,
+                 color=_color(part), label=part)
+        layers = sorted(by_layer[part], key=int)
+        right.plot([int(k) for k in layers], [by_layer[part][k] for k in layers], color=_color(part), label=part)
+    left.set_xticks(np.arange(len(roles)) + 0.4 - width / 2, roles, fontsize=7, rotation=45)
+    left.set_ylabel("mean share of ‖∇‖²")
+    left.set_title("by role", fontsize=9, loc="left")
+    right.set_xlabel("layer")
+    right.set_title("by layer", fontsize=9, loc="left")
+    right.legend(fontsize=8)
     return to_data_uri(fig)
 
 

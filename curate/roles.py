@@ -95,10 +95,26 @@ class RoleMap:
             layers.setdefault(e.layer, {})[e.role] = e.name
         out = {"model_class": self.model_class, "roles": [e.role for e in self.entries],
                "layers": [{"layer": k, "roles": v} for k, v in sorted(layers.items())],
-               "partial": bool(self.unprobed), "unprobed": self.unprobed}
+               "numel": self.numel(), "partial": bool(self.unprobed), "unprobed": self.unprobed}
         if any(e.role in MOE_ROLES for e in self.entries):
             out["moe_convention"] = MOE_CONVENTION
         return out
+
+    def numel(self) -> list[int]:
+        """Weights each grad_norms entry measures (d_out x d_in of its matrix or block, summed over the
+        experts of a stack): what `--module-scale numel` divides each norm by the square root of."""
+        from transformers.pytorch_utils import Conv1D
+
+        counts = [0] * len(self.entries)
+        for site in self.sites:
+            shape = tuple(site.param.shape)
+            axis = 1 if isinstance(site.module, Conv1D) and site.kind == "linear" or len(shape) == 3 else 0
+            per_row = site.param.numel() // shape[axis]
+            for index, rows in site.blocks:
+                n = shape[axis] if rows is None else (len(range(*rows.indices(shape[axis]))) if isinstance(rows, slice)
+                                                      else int(rows.numel()))
+                counts[index] += n * per_row
+        return counts
 
     def summary(self) -> str:
         """One line describing the map (`summary` of `describe()`)."""

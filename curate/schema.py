@@ -19,8 +19,10 @@ MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_cal
                      ("tool_call_id", pa.string()), ("name", pa.string()), ("reasoning_content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
 
+TOP_MODULE = pa.struct([("module", pa.string()), ("role", pa.string()), ("layer", pa.int32()), ("share", pa.float32())])
 _X_ARROW = {"float32": pa.float32(), "float64": pa.float64(), "int32": pa.int32(),
-            "list<float32>": pa.list_(pa.float32()), "list<int32>": pa.list_(pa.int32())}
+            "list<float32>": pa.list_(pa.float32()), "list<int32>": pa.list_(pa.int32()),
+            "top_modules": pa.list_(TOP_MODULE)}
 _JSON_TYPE = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from curate.roles import DENSE_ROLES, NotCovered, role_map
+from curate.roles import DENSE_ROLES, NotCovered, decoder, role_map
 from curate.stages.probe import ProbeConfig
 from tests.test_gradients import assert_matches_autograd, make_examples, probe
 
@@ -308,3 +308,19 @@ def test_prism_refuses_an_uncovered_model_before_any_work_and_records_allow_part
     record = json.loads((out / "manifest.json").read_text())["probe_map"]
     assert record["partial"] and len(record["unprobed"]) == 8 and record["model_class"] == "DeepseekV3ForCausalLM"
     assert "left out: model.layers.0.self_attn.q_a_proj.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "falcon_per_head", "qwen2_moe", "mixtral"])
+def test_numel_of_the_entries_adds_up_to_the_layers_matrices(family):
+    """--module-scale numel divides by these: every weight of every layer's matrices is counted once,
+    and an unfused entry counts exactly its own matrix."""
+    model = build(family)
+    rmap = role_map(model)
+    numel = rmap.numel()
+    layers = {n: p for n, p in decoder(model).named_parameters() if ".layers." in f".{n}" or ".h." in f".{n}"}
+    matrices = {n: p for n, p in layers.items() if p.ndim >= 2 and "norm" not in n and "ln_" not in n}
+    assert sum(numel) == sum(p.numel() for p in matrices.values())
+    params = dict(model.named_parameters())
+    for entry, n in zip(rmap.entries, numel):
+        if "[" not in entry.name and f"{entry.name}.weight" in params:   # a whole module's own matrix
+            assert n == params[f"{entry.name}.weight"].numel(), entry.name

@@ -443,14 +443,15 @@ def test_route_during_a_prism_run_on_its_work_names_the_holder(routed, capsys):
 
 def test_a_signal_column_the_routed_schema_lacks_is_an_error_not_dropped(finished):
     from curate.io.atomic import read_arrow
-    from curate.corpus.route import RouteConfig, routed_rows
+    from curate.corpus.route import RouteConfig, routed_rows, simple_decision
 
     work = finished / ".work"
     records, tokens, probe = (read_arrow(next((work / stage).glob("part-*.arrow")))
                               for stage in ("ingest", "tokenize", "probe"))
     n = tokens.num_rows
     records = records.slice(0, n)
-    ok = routed_rows(records, tokens, probe, 0.5, RouteConfig(), pa.table({"rm_score": pa.nulls(n, pa.float32())}))
+    decision = simple_decision(records, probe, 0.5, RouteConfig())
+    ok = routed_rows(records, tokens, probe, decision, pa.table({"rm_score": pa.nulls(n, pa.float32())}))
     assert ok.num_rows == n - probe.column("grad_norms").null_count
     with pytest.raises(ValueError, match="toxicity are not declared in schemas/routed.schema.json"):
-        routed_rows(records, tokens, probe, 0.5, RouteConfig(), pa.table({"toxicity": pa.nulls(n, pa.float32())}))
+        routed_rows(records, tokens, probe, decision, pa.table({"toxicity": pa.nulls(n, pa.float32())}))

@@ -1,2 +1,3 @@
-"""Corpus-level decisions, taken over every shard of a job at once: routing scores and the threshold
-(route, routing), DRIFT's per-group weights (weights), IRFT's preference pairs (pairs)."""
+"""Corpus-level decisions, taken over every shard of a job at once: routing scores, thresholds and their
+diagnostics (route, routing, decide, diagnostics, attribution), DRIFT's per-group weights (weights),
+IRFT's preference pairs (pairs)."""

@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.corpus import route
+from curate import concentration, schema
+from curate.corpus import diagnostics, route
+from curate.corpus.attribution import Entries, norm_matrix, top_modules
 from curate.io.atomic import read_arrow
 from curate.io.quarantine import quarantine_rows
 
@@ -51,25 +53,61 @@ def _scored_probe(probe: pa.Table, metric: str, token_error: pa.ChunkedArray) ->
     return pa.table(nulled, schema=probe.schema), bad
 
 
-def _shard_scores(paths: tuple, cfg: route.RouteConfig) -> np.ndarray:
+@dataclass
+class ShardFeatures:
+    """Pass 1's values for one work shard's routable rows (those with finite gradient norms), in order:
+    what routing and its diagnostics need, about 45 bytes a row (the one thing route holds for the whole
+    corpus: exact quantiles and rank correlations need every row)."""
+
+    metrics: dict[str, np.ndarray]      # schema.METRICS, float32
+    covariates: dict[str, np.ndarray]   # diagnostics.COVARIATES, float64
+    truncated: np.ndarray               # bool
+    source: tuple[list[str], np.ndarray]   # (labels, int32 index of each row's label)
+    format: tuple[list[str], np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+
+def _labels(column: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    if not len(column):
+        return [], np.zeros(0, np.int32)
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def shard_features(paths: tuple, cfg: route.RouteConfig, numel: np.ndarray | None = None) -> ShardFeatures:
+    """Pass 1 for one work shard (`shard_paths`): the metrics of its routable rows (read where the probe
+    stored them; all recomputed from norms / sqrt(numel) with `numel`, --module-scale numel), the
+    diagnostics' covariates, truncation and labels. Only the columns named are read (memory-mapped)."""
     ing, tok, prb, _ = paths
-    probe, _ = _scored_probe(read_arrow(prb), cfg.metric, read_arrow(tok, ["token_error"]).column("token_error"))  # memory-mapped: columns not used are not read
-    if cfg.metric in probe.column_names:  # stored by the probe stage (older caches: computed here)
-        # a copy: a view would keep the shard's memory map, and the pages it touched, for the whole run
-        return probe.column(cfg.metric).drop_null().to_numpy().copy()
-    norms = probe.column("grad_norms")
-    ids = read_arrow(ing, ["id"]).column("id")
-    if norms.null_count:
-        ids, norms = ids.filter(pc.invert(pc.is_null(norms))), norms.drop_null()
-    return route.scores(ids.to_pylist(), norms, cfg.seed, (cfg.metric,))[cfg.metric]
+    tokens = read_arrow(tok, ["token_error", *schema.TOKEN_COLUMNS])
+    probe, _ = _scored_probe(read_arrow(prb), cfg.metric, tokens.column("token_error"))
+    keep = pc.is_valid(probe.column("grad_norms"))
+    probe, tokens = probe.filter(keep), tokens.filter(keep)   # filtered: copies, no view of the memory map
+    records = read_arrow(ing, ["id", "source", "format"]).filter(keep)
+    ids = records.column("id").to_pylist()
+    if numel is None:
+        stored = {m: probe.column(m).to_numpy() for m in schema.NORM_METRICS if m in probe.column_names}
+        computed = route.scores(ids, probe.column("grad_norms"), cfg.seed,
+                                tuple(m for m in schema.METRICS if m not in stored))
+        metrics = {m: stored[m] if m in stored else computed[m] for m in schema.METRICS}
+    else:
+        scaled = (norm_matrix(probe.column("grad_norms")) / np.sqrt(numel)).astype(np.float32)
+        metrics = {m: v.astype(np.float32) for m, v in concentration.all_metrics(scaled, ids, cfg.seed).items()}
+    covariates = {name: (tokens if name in tokens.column_names else probe).column(name).to_numpy().astype(np.float64)
+                  for name in diagnostics.COVARIATES}
+    return ShardFeatures(metrics, covariates, tokens.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
+                         _labels(records.column("source")), _labels(records.column("format")))
 
 
-def corpus_scores(shards: list[tuple], cfg: route.RouteConfig, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
-    """Pass 1: the routing score of every probed row, shard by shard (`shard_paths`; only ids and norms
-    are read). 4 bytes a row, the one thing route holds for the whole corpus: an exact quantile needs them all."""
+def corpus_features(shards: list[tuple], cfg: route.RouteConfig, numel: np.ndarray | None = None,
+                    pool: ThreadPoolExecutor | None = None) -> list[ShardFeatures]:
+    """Pass 1 over every shard, in shard order (on `pool`'s threads when given)."""
+    n = len(shards)
     if pool is None:
-        return [_shard_scores(s, cfg) for s in shards]
-    return list(pool.map(_shard_scores, shards, [cfg] * len(shards)))
+        return [shard_features(s, cfg, numel) for s in shards]
+    return list(pool.map(shard_features, shards, [cfg] * n, [numel] * n))
 
 
 @dataclass
@@ -84,22 +122,25 @@ class RoutedShard:
                                   # turns it wrote nowhere (chat.Encoded.unrendered)
 
 
-def route_shard(i: int, paths: tuple, score: np.ndarray, threshold: float, cfg: route.RouteConfig,
+def route_shard(i: int, paths: tuple, decision: dict[str, np.ndarray], entries: Entries, metric: str,
                 prefix_rows: str, output) -> RoutedShard:
-    """Pass 2 for work shard i: route its probed rows and write each partition's part i into `output`
-    (an engine.outputs.JobOutput; safe from several threads)."""
+    """Pass 2 for work shard i: its routable rows with their `decision` (corpus.decide: one value per
+    routable row, in order) and `top_modules`, written as each partition's part i into `output` (an
+    engine.outputs.JobOutput; safe from several threads), and its tokenize and probe rejects."""
     ing, tok, prb, sig = paths
     records, tokens = read_arrow(ing), read_arrow(tok)
-    probe, overflow = _scored_probe(read_arrow(prb), cfg.metric, tokens.column("token_error"))
+    probe, overflow = _scored_probe(read_arrow(prb), metric, tokens.column("token_error"))
     truncated = pc.sum(tokens.column("truncated")).as_py() or 0
+    routable = pc.is_valid(probe.column("grad_norms"))
     template = Counter()
     if "tool_rendering" in tokens.column_names:  # caches from before tool support have no such column
-        routed = tokens.filter(pc.is_valid(probe.column("grad_norms")))
+        routed = tokens.filter(routable)
         template.update(("rendering", way) for way in routed.column("tool_rendering").drop_null().to_pylist())
         template.update(("unrendered", what) for lost in routed.column("unrendered").drop_null().to_pylist()
                         for what in lost)
-    rows = route.routed_rows(records, tokens, probe, threshold, cfg, signal_columns(sig),
-                             prefix_rows, known={cfg.metric: score})
+    top = top_modules(probe.column("grad_norms").filter(routable), entries)
+    rows = route.routed_rows(records, tokens, probe, {**decision, "top_modules": top}, signal_columns(sig),
+                             prefix_rows)
     counts = {}
     for part in route.PARTITIONS:
         subset = rows.filter(pc.equal(rows.column("route"), part))

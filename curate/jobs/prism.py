@@ -18,6 +18,8 @@ import numpy as np
 from curate import roles
 from curate.config import PrismConfig
 from curate.corpus import route, routing
+from curate.corpus.attribution import Entries
+from curate.corpus.decide import decide
 from curate.engine.outputs import JobOutput, provenance
 from curate.io.atomic import write_json
 from curate.jobs.base import INGEST, Job, StageRun
@@ -68,19 +70,33 @@ class PrismJob(Job):
         signals = {stage.name: run.shards[stage.name] for stage in self.signals()}
         state = {"config": asdict(self.cfg), "ingest": run.ingest, "tokenize": run.shards["tokenize"],
                  "probe": prb, "signals": signals, "model": Probe(self.cfg.probe()).identity()["config"]["model"],
-                 "modules": prb[0]["modules"] if prb else [], "probe_map": prb[0].get("probe_map") if prb else None,
+                 # the map as this code describes it (a cached shard's marker may predate some of its fields)
+                 "modules": prb[0]["modules"] if prb else [], "probe_map": self._probe_map(prb),
                  "timings": run.timings, "cache": run.cache}
         write_json(self.cfg.work_dir / STATE, state)
         return route_and_report(state, self.cfg.route(), Path(self.cfg.out))
 
+    def _probe_map(self, prb: list[dict]) -> dict | None:
+        if not prb:
+            return None
+        described = Probe(self.cfg.probe()).describe()
+        if described["modules"] != prb[0]["modules"]:  # the cache key holds the modules: cannot differ
+            raise RuntimeError("the probe shards measure other modules than the probe map describes")
+        return described["probe_map"]
+
     @staticmethod
     def summary(manifest: dict, out: str) -> str:
         c, r = manifest["counts"], manifest["routing"]
-        return (f"routed {c['sft'] + c['rl']} of {c['input']} records by {r['metric']} "
-                f"(threshold {r['threshold']:.6g}): sft {c['sft']}, rl {c['rl']}; "
+        split = (f"threshold {r['threshold']:.6g}" if r["threshold"] is not None else
+                 f"thresholds by {r['stratify']}: " + ", ".join(f"{k} {v:.6g}" for k, v in (r["thresholds"] or {}).items()))
+        how = "".join(f", {k} {r[k]}" for k in ("control", "module_scale") if r.get(k, "none") != "none")
+        warnings = "".join(f"\n  warning: {w}" for w in manifest.get("diagnostics", {}).get("warnings", []))
+        return (f"routed {c['sft'] + c['rl']} of {c['input']} records by {r['metric']} ({split}{how}): "
+                f"sft {c['sft']}, rl {c['rl']}; "
                 f"quarantined {c['quarantined']}, duplicates {c['duplicates']}, truncated {c['truncated']}\n"
                 f"  {out}/sft/  {out}/rl/  {out}/quarantine/  {out}/manifest.json"
-                + (f"\n  probed {roles.summary(manifest['probe_map'])}" if manifest.get("probe_map") else ""))
+                + (f"\n  probed {roles.summary(manifest['probe_map'])}" if manifest.get("probe_map") else "")
+                + warnings)
 
 
 def route_and_report(state: dict, route_cfg: route.RouteConfig, out: Path) -> dict:
@@ -101,16 +117,15 @@ def write_routed(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     # two threads use two cores. Results are taken in shard order: the same bytes as one thread.
     pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
     shards = list(routing.shard_paths(state))
-    scores = routing.corpus_scores(shards, cfg, pool)
-    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-    threshold = route.corpus_threshold(all_scores, cfg) if all_scores.size or cfg.threshold is not None else None
+    decision = decide(routing.corpus_features(shards, cfg, _numel(state, cfg), pool), cfg)
+    entries = Entries.of(state["modules"], state.get("probe_map"))
     prefix_rows = state["config"].get("prefix", "none")
     counts, truncated, template, probe_rejects = Counter(), 0, Counter(), 0
     with pool, JobOutput(PrismJob, out, state["ingest"]["quarantine"]) as output:
         n = len(shards)
         # quarantine rows are streamed to their file in shard order (ingest's first): never all in memory
-        for shard in pool.map(routing.route_shard, range(n), shards, scores, [threshold] * n, [cfg] * n,
-                              [prefix_rows] * n, [output] * n):
+        for shard in pool.map(routing.route_shard, range(n), shards, decision.per_shard, [entries] * n,
+                              [cfg.metric] * n, [prefix_rows] * n, [output] * n):
             template.update(shard.template)
             for row in shard.quarantine:
                 output.quarantine.write(row)
@@ -125,14 +140,24 @@ def write_routed(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
               "quarantined_probe": probe_rejects, "truncated": truncated,
               **{part: counts[part] for part in route.PARTITIONS}}
     timings = {**state["timings"], "route": time.perf_counter() - t0}
-    rule = "score <= threshold -> sft" + (" (reversed: -> rl)" if cfg.reverse else "")
     tokenize = state["tokenize"][0].get("chat_template") or {} if state["tokenize"] else {}
     return output.finish(
         counts, state["model"], provenance(state["config"], state["ingest"], state["cache"], timings),
-        routing={**asdict(cfg), "threshold": threshold, "rule": rule},
+        routing=decision.routing, diagnostics=decision.diagnostics,
         chat_template={**tokenize, "tool_rendering": _counts(template, "rendering"),
                        "unrendered": _counts(template, "unrendered")},
         modules=state["modules"], probe_map=state.get("probe_map"))
+
+
+def _numel(state: dict, cfg: route.RouteConfig) -> np.ndarray | None:
+    """The weights behind each grad_norms entry, for --module-scale numel (None without it)."""
+    if cfg.module_scale == "none":
+        return None
+    numel = (state.get("probe_map") or {}).get("numel")
+    if not numel:
+        raise ValueError("--module-scale numel needs the probe map's matrix sizes, which this cache predates; "
+                         "rerun `curate prism` (the probe shards are reused)")
+    return np.asarray(numel, dtype=np.float64)
 
 
 def _counts(counter: Counter, kind: str) -> dict[str, int]:

@@ -336,7 +336,7 @@ def test_case6_metadata_reaches_routed_and_drift_rows_and_case7_out_inside_input
 
 
 def test_case6_routing_an_older_cache_without_metadata_gives_null():
-    from curate.corpus.route import RouteConfig, routed_rows
+    from curate.corpus.route import RouteConfig, routed_rows, simple_decision
 
     rec = pa.Table.from_pylist([{"id": "x", "source": "s", "source_index": 0, "format": "messages",
                                  "messages": chat("q", "a")["messages"]}], schema=schema.arrow_schema(schema.RECORD))
@@ -345,7 +345,7 @@ def test_case6_routing_an_older_cache_without_metadata_gives_null():
     probe = pa.table({"probe_loss": pa.array([1.0], pa.float32()),
                       "grad_norms": pa.array([[1.0, 2.0]], pa.list_(pa.float32())),
                       "grad_norm_total": pa.array([2.2], pa.float32())})
-    table = routed_rows(old, tokens, probe, 0.5, RouteConfig())
+    table = routed_rows(old, tokens, probe, simple_decision(old, probe, 0.5, RouteConfig()))
     assert table.schema == schema.arrow_schema(schema.ROUTED) and table.column("metadata").to_pylist() == [None]
 
 

@@ -20,7 +20,8 @@ NOTEBOOK = REPO / "notebooks" / "inspect_routed.ipynb"
 MARK = "NOTEBOOK-STATE:"
 # Appended to the in-memory copy only: exposes what the notebook computed, for comparison.
 DUMP = f"""print("{MARK}" + json.dumps({{"most": most["id"].to_list(), "least": least["id"].to_list(),
-    "split": dict(zip(split["route"].to_list(), split["rows"].to_list())), "layer_norms": layer_norms.to_dicts()}}))"""
+    "split": dict(zip(split["route"].to_list(), split["rows"].to_list())), "layer_norms": layer_norms.to_dicts(),
+    "role_shares": role_shares.to_dicts(), "warnings": diag["warnings"]}}))"""
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +90,18 @@ def test_notebook_runs_and_matches_the_shards(routed, executed):
         for entry in state["layer_norms"]:
             cols = [i for i, n in enumerate(layer_of) if n == entry["layer"]]
             assert entry[part] == pytest.approx(np.linalg.norm(g[:, cols], axis=1).mean(), rel=1e-9)
+    roles = manifest["probe_map"]["roles"]
+    for entry in state["role_shares"]:
+        for part in ("sft", "rl"):
+            sq = np.array([r["grad_norms"] for r in everything if r["route"] == part], dtype=np.float64) ** 2
+            share = (sq / sq.sum(axis=1, keepdims=True)).mean(axis=0)
+            assert entry[part] == pytest.approx(sum(share[i] for i, r in enumerate(roles) if r == entry["role"]))
+    assert state["warnings"] == manifest["diagnostics"]["warnings"]
+    for warning in state["warnings"]:
+        assert f"WARNING: {warning}" in text
 
 
 def test_notebook_draws_its_plots(executed):
     images = [o for o in outputs(executed, "display_data") if "image/png" in o.get("data", {})]
-    assert len(images) == 2   # score distribution, per-layer norms
+    assert len(images) == 3   # score distribution, score against length, per-layer norms
     assert not outputs(executed, "error")
