@@ -20,9 +20,9 @@ ROUTE_OPTIONS = ("metric", "quantile", "threshold", "reverse", "seed", "stratify
 def cmd_job(args: argparse.Namespace) -> int:
     """prism, drift, irft: the subcommand's flags -> its job config -> the run's summary."""
     from curate import config
-    from curate.jobs import JOBS
+    from curate.jobs import CONFIGS
 
-    print(run_job(args.command, config.from_args(args, JOBS[args.command].config)))
+    print(run_job(args.command, config.from_args(args, CONFIGS[args.command])))
     return 0
 
 
@@ -78,12 +78,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     """`curate run FILE`: the job the pipeline file's `job:` key names, its options from the file and
     `--set`; InputError for an unknown job."""
     from curate import config
-    from curate.jobs import JOBS
+    from curate.jobs import CONFIGS
 
     job = config.pipeline_job(args.pipeline)
-    if job not in JOBS:
-        raise InputError(f"{args.pipeline}: unknown job {job!r}; choose from {', '.join(JOBS)}")
-    print(run_job(job, config.load_yaml(args.pipeline, args.set or [], JOBS[job].config)))
+    if job not in CONFIGS:
+        raise InputError(f"{args.pipeline}: unknown job {job!r}; choose from {', '.join(CONFIGS)}")
+    print(run_job(job, config.load_yaml(args.pipeline, args.set or [], CONFIGS[job])))
     return 0
 
 
@@ -92,44 +92,85 @@ def build_parser() -> argparse.ArgumentParser:
     route, report, export and run."""
     from curate import config  # here, not at import: a Ctrl-C during its imports is then caught by main
     from curate.formats.export import TARGETS
-    from curate.jobs import JOBS
+    from curate.jobs import CONFIGS
 
-    parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from curate import __version__
 
-    p = sub.add_parser("prism", help="score every demonstration by gradient concentration and route it to sft/rl")
-    config.add_arguments(p, JOBS["prism"].config)
+    parser = argparse.ArgumentParser(prog="curate", parents=[_log_options()], description=(
+        "Per-example training signals for LLM post-training data, and routed SFT/RL datasets. "
+        "`curate COMMAND --help` lists a command's options."))
+    parser.add_argument("--version", action="version", version=f"curate {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    common = [_log_options(argparse.SUPPRESS)]   # also after the subcommand: `curate prism ... -v`
+
+    p = sub.add_parser("prism", parents=common, help="score every demonstration by gradient concentration and route it to sft/rl")
+    config.add_arguments(p, CONFIGS["prism"])
     p.set_defaults(func=cmd_job)
 
-    p = sub.add_parser("route", help="re-route a finished prism run from its cache (no gradients)")
+    p = sub.add_parser("route", parents=common, help="re-route a finished prism run from its cache (no gradients)")
     p.add_argument("--work", required=True, help="the prism run's work folder (default of prism: OUT/.work)")
     p.add_argument("--out", required=True, help="output folder for sft/, rl/, quarantine/, manifest.json")
-    config.add_arguments(p, JOBS["prism"].config, only=ROUTE_OPTIONS)
+    config.add_arguments(p, CONFIGS["prism"], only=ROUTE_OPTIONS)
     p.set_defaults(func=cmd_route)
 
-    p = sub.add_parser("drift", help="K verified multi-turn rollouts per prompt -> DRIFT-weighted SFT data")
-    config.add_arguments(p, JOBS["drift"].config)
+    p = sub.add_parser("drift", parents=common, help="K verified multi-turn rollouts per prompt -> DRIFT-weighted SFT data")
+    config.add_arguments(p, CONFIGS["drift"])
     p.set_defaults(func=cmd_job)
 
-    p = sub.add_parser("irft", help="self-generated replies, implicit rewards and RM scores -> DPO pairs (IRFT/SPIN)")
-    config.add_arguments(p, JOBS["irft"].config)
+    p = sub.add_parser("irft", parents=common, help="self-generated replies, implicit rewards and RM scores -> DPO pairs (IRFT/SPIN)")
+    config.add_arguments(p, CONFIGS["irft"])
     p.set_defaults(func=cmd_job)
 
-    p = sub.add_parser("report", help="(re)write DIR/report.html: plots of a routed or drift output folder")
+    p = sub.add_parser("report", parents=common, help="(re)write DIR/report.html: plots of a routed or drift output folder")
     p.add_argument("--routed", required=True, help="output folder of prism, route or drift (holds manifest.json)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="write a routed folder as the files one trainer reads")
+    p = sub.add_parser("export", parents=common, help="write a routed folder as the files one trainer reads")
     p.add_argument("--routed", required=True, help="a curate output folder (sft/, rl/, optional pairs/, manifest.json)")
     p.add_argument("--to", required=True, choices=tuple(TARGETS), help="target trainer")
     p.add_argument("--out", required=True, help="export folder (replaced as a whole; see docs/exports.md)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="run a pipeline file: pipelines/prism.yaml, drift.yaml or irft.yaml")
+    p = sub.add_parser("run", parents=common, help="run a pipeline file: pipelines/prism.yaml, drift.yaml or irft.yaml")
     p.add_argument("pipeline", help="YAML file whose keys are the job's options")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option (repeatable)")
     p.set_defaults(func=cmd_run)
     return parser
+
+
+def _log_options(default=None) -> argparse.ArgumentParser:
+    """-v/--verbose, -q/--quiet, --log-file: given before or after the subcommand."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("-v", "--verbose", action="count", default=0 if default is None else default,
+                         help="say what each stage does (-v), and per shard (-vv)")
+    options.add_argument("-q", "--quiet", action="store_true", default=False if default is None else default,
+                         help="only warnings and errors; no progress bars")
+    options.add_argument("--log-file", default=default, help="also write the log, with timestamps, to this file")
+    return options
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False, log_file: str | None = None) -> None:
+    """The `curate` logger: warnings (quiet), info (-v) or debug (-vv) to stderr as "curate: LEVEL: ...",
+    everything from info on (debug with -vv) to `log_file` with timestamps. Progress bars off when quiet."""
+    import logging
+    import os
+
+    level = logging.WARNING if quiet or not verbose else logging.INFO if verbose == 1 else logging.DEBUG
+    log = logging.getLogger("curate")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    log.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    log.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("curate: %(levelname)s: %(message)s"))
+    log.addHandler(console)
+    if log_file:
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(to_file)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"   # tqdm reads it for every bar's default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:   # bare `curate`: what it can do
+        parser.print_help()
+        return 0
+    setup_logging(args.verbose, args.quiet, args.log_file)
     from curate.formats.adapters import BadRecord
     from curate.io.folders import FolderInUse
     from curate.io.readers import UnreadableFile

@@ -15,18 +15,13 @@ import yaml
 
 from curate import models
 from curate.formats.adapters import FORMATS
-from curate.generation import ENGINES, GenerationConfig
 from curate.returns import ReturnConfig
 from curate.schema import METRICS
-from curate.stages.continuation import ContinuationConfig
+from curate.stages.configs import (DEFAULT_FEEDBACK, ENGINES, PREFIX_MODES, ContinuationConfig, GenerationConfig,
+                                   PairScoresConfig, PrefixConfig, ProbeConfig, RewardConfig, RolloutConfig,
+                                   TokenizeConfig)
 from curate.ingest.ingest import IngestConfig
-from curate.stages.pair_scores import PairScoresConfig
-from curate.stages.prefix import PREFIX_MODES, PrefixConfig
-from curate.stages.reward import RewardConfig
-from curate.stages.probe import ProbeConfig
-from curate.stages.rollout import DEFAULT_FEEDBACK, RolloutConfig
 from curate.corpus.route import CONTROLS, MODULE_SCALES, STRATIFY, RouteConfig
-from curate.stages.tokenize import TokenizeConfig
 from curate.corpus.weights import ALL_FAIL, WeightsConfig
 
 FORMAT_CHOICES = ("auto", *FORMATS)
@@ -287,6 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls=PrismConfig, only: tuple[
             continue
         flag = "--" + f.name.replace("_", "-")
         kw = {k: v for k, v in f.metadata.items() if k in ("help", "choices", "nargs")}
+        if f.default not in (None, False, dataclasses.MISSING, "") and "help" in kw:
+            kw["help"] = f"{kw['help']} (default: {f.default})"
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", help=kw["help"])
             continue

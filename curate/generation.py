@@ -12,55 +12,18 @@ rows (up to float rounding of padded batches); reruns are identical. Temperature
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from curate import chat, logprobs, models
 from curate.io.atomic import stable_hash
-from curate.stages.base import keyed, model_field, no_effect
 from curate.batching import left_pad, token_batches
+from curate.stages.configs import GenerationConfig, resolve_engine
 
-ENGINES = ("auto", "hf", "vllm")
 # What a per-record check lets through: errors that are never one record's (curate.chat's, and a model
 # folder that cannot be loaded: the files' fault), so they stop the run instead of quarantining records.
 NOT_RECORD_ERRORS = (*chat.NOT_RECORD_ERRORS, models.ModelError)
-
-
-@dataclass
-class GenerationConfig:
-    """How a model samples (the fields' comments), keyed into every generating stage's cache. ValueError for
-    an unknown engine, temperature < 0, top_p outside (0, 1] or max_new_tokens < 1."""
-
-    model: str | None = model_field()  # None: the embedded SmolLM2-135M-Instruct
-    engine: str = keyed("auto", lambda c: resolve_engine(c))  # auto: vllm when importable and CUDA is present, else hf
-    device: str = keyed("auto", lambda c: models.resolve_device(c.device))
-    temperature: float = 1.0        # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    seed: int = 0
-    batch_tokens: int = no_effect(32768)  # hf: rows x (longest prompt + max_new_tokens) per generate call; per-row
-    #                                       generators make batching irrelevant (up to float rounding)
-    trust_remote_code: bool = False # let the model folder run its own code (--trust-remote-code)
-
-    def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1")
-
-
-def resolve_engine(cfg: GenerationConfig) -> str:
-    """The engine `cfg` runs on: hf or vllm as asked; auto is vllm when importable and the device resolves
-    to CUDA (ModelError for --device cuda without CUDA), else hf. ValueError for vllm when not installed."""
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    if cfg.engine == "vllm" and not has_vllm:
-        raise ValueError("--engine vllm: vllm is not installed (pip install vllm, on a CUDA machine)")
-    if cfg.engine != "auto":
-        return cfg.engine
-    return "vllm" if has_vllm and models.resolve_device(cfg.device) == "cuda" else "hf"
 
 
 def template_problem(cfg: GenerationConfig, conversation: list[dict], tools: list[dict] | None = None,

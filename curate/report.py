@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import json
 import re
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from curate.report_plots import grouped_bars, norm_heatmaps, score_histograms, v
 from curate.report_routing import (LENGTH, RoutingScan, attribution_section, diagnostics_section, examples_section,
                                    scatter_section, warnings_section)
 
+log = logging.getLogger(__name__)
 REPORT = "report.html"
 PARTITIONS = ("sft", "rl", "pairs")   # pairs: `curate irft`
 SIGNALS = ("weight", "return", "reward", "rm_score", "logp_gap")  # plus implicit_reward*, rm_score_*
@@ -319,6 +320,6 @@ def try_write_report(out: str | Path) -> Path | None:
         return write_report(out)
     except Exception as e:  # noqa: BLE001 - any plotting/reading failure is reported, never fatal here
         (Path(out) / REPORT).unlink(missing_ok=True)
-        print(f"curate: warning: {Path(out) / REPORT} not written ({type(e).__name__}: {e}); "
-              f"the data is complete, retry with `curate report --routed {out}`", file=sys.stderr)
+        log.warning(f"{Path(out) / REPORT} not written ({type(e).__name__}: {e}); "
+                    f"the data is complete, retry with `curate report --routed {out}`")
         return None

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from curate.roles import DENSE_ROLES, NotCovered, decoder, role_map
-from curate.stages.probe import ProbeConfig
+from curate.stages.configs import ProbeConfig
 from tests.test_gradients import assert_matches_autograd, make_examples, probe
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -11,13 +11,13 @@ import pytest
 from curate import generation, models
 from curate.ingest.ingest import IngestConfig
 from curate.stages.base import config_key
-from curate.stages.continuation import ContinuationConfig
-from curate.stages.pair_scores import PairScoresConfig
-from curate.stages.prefix import PrefixConfig
-from curate.stages.probe import ProbeConfig
-from curate.stages.reward import RewardConfig
-from curate.stages.rollout import RolloutConfig
-from curate.stages.tokenize import TokenizeConfig
+from curate.stages.configs import ContinuationConfig
+from curate.stages.configs import PairScoresConfig
+from curate.stages.configs import PrefixConfig
+from curate.stages.configs import ProbeConfig
+from curate.stages.configs import RewardConfig
+from curate.stages.configs import RolloutConfig
+from curate.stages.configs import TokenizeConfig
 
 CONFIGS = {
     ProbeConfig: {}, TokenizeConfig: {}, PrefixConfig: {}, RewardConfig: {"reward_model": "rm"},

@@ -15,7 +15,8 @@ from curate.cli import main
 from curate.messages import compact_all
 from curate.io.atomic import read_arrow
 from curate.schema import arrow_schema, load_json_schema
-from curate.stages.rollout import DEFAULT_FEEDBACK, Rollout, RolloutConfig
+from curate.stages.configs import DEFAULT_FEEDBACK, RolloutConfig
+from curate.stages.rollout import Rollout
 from tests.conftest import REPO
 
 SMALL = ["--samples", "2", "--turns", "3", "--max-new-tokens", "6", "--shard-size", "2", "--device", "cpu"]

@@ -256,7 +256,8 @@ def test_encode_names_the_exception_of_the_template_and_of_the_tokenizer(smol_to
 
 
 def tokenize_stage(monkeypatch, tok, chat_template=EVIL):
-    from curate.stages.tokenize import Tokenize, TokenizeConfig
+    from curate.stages.tokenize import Tokenize
+    from curate.stages.configs import TokenizeConfig
 
     stage = Tokenize(TokenizeConfig(chat_template=chat_template))
     monkeypatch.setattr(stage, "tokenizer", lambda: tok)
@@ -297,7 +298,8 @@ def test_tokenize_stage_quarantines_a_record_the_tokenizer_raises_on(smol_tokeni
 
 @pytest.mark.parametrize("error", [MemoryError(), OSError("model file unreadable"), KeyboardInterrupt()])
 def test_errors_that_are_not_the_records_stop_the_run(smol_tokenizer, monkeypatch, error):
-    from curate.stages.prefix import Prefix, PrefixConfig
+    from curate.stages.prefix import Prefix
+    from curate.stages.configs import PrefixConfig
 
     tok = raising_tokenizer(smol_tokenizer, "What is 3+3?", error)
     with pytest.raises(type(error)):
@@ -309,7 +311,8 @@ def test_errors_that_are_not_the_records_stop_the_run(smol_tokenizer, monkeypatc
 
 
 def test_prefix_stage_goes_on_past_a_record_the_template_raises_on(smol_tokenizer, monkeypatch):
-    from curate.stages.prefix import Prefix, PrefixConfig
+    from curate.stages.prefix import Prefix
+    from curate.stages.configs import PrefixConfig
 
     monkeypatch.setattr("curate.models.load_tokenizer", lambda ref, require_template=True: smol_tokenizer)
     out = Prefix(PrefixConfig(chat_template=EVIL)).run(messages_table()).to_pylist()
@@ -344,7 +347,8 @@ def fake_generation(monkeypatch, reply_for_seed):
 
 
 def test_rollout_quarantines_a_record_the_template_raises_on_before_and_during_generation(evil_model_dir, monkeypatch):
-    from curate.stages.rollout import Rollout, RolloutConfig
+    from curate.stages.rollout import Rollout
+    from curate.stages.configs import RolloutConfig
 
     gen = generation.GenerationConfig(model=evil_model_dir, device="cpu", max_new_tokens=4)
     # record r3's first reply makes its conversation one the template raises on at turn 2
@@ -367,8 +371,10 @@ def test_rollout_quarantines_a_record_the_template_raises_on_before_and_during_g
 
 def test_a_model_folder_that_cannot_be_loaded_stops_the_run(tmp_path):
     from curate import models
-    from curate.stages.continuation import Continuation, ContinuationConfig
-    from curate.stages.rollout import Rollout, RolloutConfig
+    from curate.stages.continuation import Continuation
+    from curate.stages.configs import ContinuationConfig
+    from curate.stages.rollout import Rollout
+    from curate.stages.configs import RolloutConfig
 
     broken = tmp_path / "model"
     broken.mkdir()
@@ -381,7 +387,8 @@ def test_a_model_folder_that_cannot_be_loaded_stops_the_run(tmp_path):
 
 
 def test_continuation_quarantines_a_record_the_template_raises_on(evil_model_dir, monkeypatch):
-    from curate.stages.continuation import Continuation, ContinuationConfig
+    from curate.stages.continuation import Continuation
+    from curate.stages.configs import ContinuationConfig
 
     fake_generation(monkeypatch, lambda s: "5")
     gen = generation.GenerationConfig(model=evil_model_dir, device="cpu", max_new_tokens=4)

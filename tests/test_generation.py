@@ -1,5 +1,7 @@
 """The generation engine with a tiny random Llama: seeded, batch-invariant, left padding right."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -90,6 +92,6 @@ def test_engine_choice_and_config_checks(tiny_model_dir):
     for bad in (dict(engine="tgi"), dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0)):
         with pytest.raises(ValueError):
             GenerationConfig(**bad)
-    if generation.importlib.util.find_spec("vllm") is None:
+    if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ValueError, match="vllm"):
             generation.resolve_engine(cfg(tiny_model_dir, engine="vllm"))

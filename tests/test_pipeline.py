@@ -202,10 +202,11 @@ def test_every_job_has_a_runner_and_the_cli_reads_choices_from_the_registries():
     from curate import cli, config
     from curate.formats.adapters import FORMATS
     from curate.formats.export import TARGETS
-    from curate.jobs import JOBS
+    from curate.jobs import CONFIGS, JOBS
 
     commands = cli.build_parser()._subparsers._group_actions[0].choices
-    assert set(JOBS) <= set(commands) and all(name == job.name for name, job in JOBS.items())
+    assert set(JOBS) == set(CONFIGS) <= set(commands)
+    assert all(name == job.name and job.config is CONFIGS[name] for name, job in JOBS.items())
     assert config.FORMAT_CHOICES == ("auto", *FORMATS)
     to = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["export"]._actions if a.dest == "to")
     assert tuple(to.choices) == tuple(TARGETS)

@@ -7,6 +7,7 @@ shard is never redone, a changed option or model recomputes, and a killed run re
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ def run_task(task: ShardTask) -> dict:
     done = {"key": task.key, "path": task.target, "sha256": sha, "rows": shard.num_rows,
             **task.stage.describe()}
     write_json(marker(task.target), done)
+    logging.getLogger(__name__).debug(f"{task.stage.name}: wrote {task.target} ({shard.num_rows} rows)")
     return done
 
 

@@ -9,6 +9,7 @@ step decides over the whole corpus and writes the output through engine.outputs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +22,7 @@ from curate.io.atomic import clean_stale_temps
 from curate.stages.base import Stage
 
 INGEST = "ingest"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,12 +99,19 @@ class Job:
             timings, cache = {}, {}
             with timed(timings, INGEST):
                 ingest, cache[INGEST] = run_ingest(cfg, work / INGEST)
+            c = ingest["counts"]
+            log.info(f"{INGEST}: {c['input']} records in {len(ingest['shards'])} shards (quarantined "
+                     f"{c['quarantined']}, duplicates {c['duplicates']}){' from cache' if cache[INGEST]['cached'] else ''}"
+                     f", {timings[INGEST]:.1f} s")
             run = StageRun(ingest, {}, cache, timings)
             for stage, upstream in steps:
                 source = ingest["shards"] if upstream == INGEST else run.shards[upstream]
                 with timed(timings, stage.name):
                     run.shards[stage.name], cache[stage.name] = run_sharded(
                         stage, source, work / stage.name, executor, cfg.force, gpu=cuda and stage.runs_model)
+                done = cache[stage.name]
+                log.info(f"{stage.name}: {done['computed']} shards computed, {done['cached']} from cache, "
+                         f"{timings[stage.name]:.1f} s")
             return run
         finally:
             executor.close()

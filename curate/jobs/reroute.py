@@ -3,7 +3,7 @@ gradients), trusting nothing it reads: every file state.json names must be the o
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 from curate.config import PrismConfig
@@ -14,6 +14,7 @@ from curate.io.atomic import check_state_paths, file_sha256, read_json
 from curate.jobs.prism import STATE, route_and_report
 
 
+log = logging.getLogger(__name__)
 class StaleCache(ValueError):
     """The work folder's shards are not the ones its state.json describes (exit code 2)."""
 
@@ -86,8 +87,7 @@ def _check_inputs(state: dict) -> None:
         files = input_fingerprint(icfg)
         key = ingest_key(icfg, files)
     except (OSError, ValueError, TypeError, readers.UnreadableFile) as e:
-        print(f"curate: warning: the inputs of the cached run cannot be checked ({e}); routing the cache as it is",
-              file=sys.stderr)
+        log.warning(f"the inputs of the cached run cannot be checked ({e}); routing the cache as it is")
         return
     if key != state["ingest"]["key"]:
         then = {f["path"]: f.get("sha256") for f in state["ingest"].get("files", [])}

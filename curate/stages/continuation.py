@@ -9,7 +9,7 @@ its continuation does not depend on its shard or batch mates."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import pyarrow as pa
 
@@ -17,20 +17,6 @@ from curate import chat, generation, schema
 from curate.io.atomic import stable_hash
 from curate.messages import compact, parse_tools
 from curate.stages.base import Stage
-
-
-@dataclass
-class ContinuationConfig:
-    """Options of the continuation stage (the fields' comments). ValueError unless stages >= 1 and
-    0 <= stage < stages."""
-
-    generation: generation.GenerationConfig = field(default_factory=generation.GenerationConfig)
-    stages: int = 1          # T: the prompts are split into T chunks, one per IRFT stage
-    stage: int = 0           # t: the chunk generated now (from the model trained after stage t-1)
-
-    def __post_init__(self):
-        if self.stages < 1 or not 0 <= self.stage < self.stages:
-            raise ValueError(f"need stages >= 1 and 0 <= stage < stages, got stages={self.stages} stage={self.stage}")
 
 
 def stage_of(record_id: str, stages: int) -> int:
@@ -44,7 +30,6 @@ def demonstration(messages: list[dict]) -> tuple[list[dict], dict] | None:
     if last is None or last == 0:
         return None
     return messages[:last], compact(messages[last])
-
 
 
 class Continuation(Stage):

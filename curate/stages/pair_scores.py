@@ -7,28 +7,14 @@ pass."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 
 from curate import logprobs, models, rewards
 from curate.messages import parse_tools
-from curate.stages.base import Stage, model_field, no_effect
+from curate.stages.base import Stage
 
 LOGP_COLUMNS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
-
-
-@dataclass
-class PairScoresConfig:
-    """Options of the pair_scores stage (the fields' comments)."""
-
-    model: str | None = model_field()  # π: the generator, whose log-probs make the implicit reward
-    ref_model: str | None = model_field(none_is_default=False)     # π_ref; None: the same model as π
-    reward_model: str | None = model_field(none_is_default=False)  # an AutoModelForSequenceClassification folder
-    device: str = no_effect("auto")    # log-probs agree across devices up to float rounding
-    batch_tokens: int = no_effect(8192)
-    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
 
 
 class PairScores(Stage):

@@ -21,21 +21,11 @@ import pyarrow as pa
 
 from curate import chat, models
 from curate.messages import parse_tools
-from curate.stages.base import Stage, model_field
+from curate.stages.base import Stage
 
 # a cut after a token whose text ends a line, or ends a sentence and is followed by whitespace
 _LINE_END = re.compile(r"\n\s*$")
 _SENTENCE_END = re.compile(r"[.!?。！？][\"')\]]*\s*$")
-PREFIX_MODES = ("rl", "all", "none")   # which routed rows carry the annotations
-
-
-@dataclass
-class PrefixConfig:
-    """Options of the prefix stage (the fields' comments)."""
-
-    tokenizer: str | None = model_field()  # whose tokens L counts (default: the probe model's)
-    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
-    chat_template: str | None = None  # template text used instead of the tokenizer's (--chat-template)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,6 @@ part of the cache key."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -18,39 +16,12 @@ from tqdm.auto import tqdm
 from curate import gradients, models, roles, schema
 from curate.batching import right_pad, token_batches
 from curate.corpus import route
-from curate.stages.base import Stage, keyed, model_field, no_effect
+from curate.stages.base import Stage
+from curate.stages.configs import resolved_dtype
 
 # Bumped when the architecture map changes what an entry measures: older probe shards are recomputed.
 ROLE_MAP_VERSION = 2
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class ProbeConfig:
-    """Options of the probe stage (the fields' comments); ValueError for --modules with --allow-partial."""
-
-    model: str | None = model_field()          # None: the embedded SmolLM2-135M-Instruct
-    device: str = no_effect("auto")            # auto: cuda when present; fp32 results agree across devices
-    dtype: str = keyed("auto", lambda c: resolved_dtype(c.dtype))  # auto: fp32 (see resolved_dtype)
-    batch_tokens: int = no_effect(4096)        # padded tokens per forward/backward (~1.7 MB each for SmolLM2)
-    # (): every role the architecture map finds (curate.roles); keyed by the entries it resolves to, so
-    # `k q v`, `q k v` and `qkv_proj` on Phi-3 share a cache, and so do a covered model with and without
-    # --allow-partial (whose effect is in those entries)
-    modules: tuple[str, ...] = keyed((), lambda c: Probe(c).describe()["modules"])
-    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
-    allow_partial: bool = no_effect(False)  # probe what the map places when some layer matrices are unplaced
-
-    def __post_init__(self):
-        if self.modules and self.allow_partial:
-            raise ValueError("--allow-partial with --modules: --modules probes exactly what it names (what it "
-                             "leaves out is recorded); drop one of them")
-
-
-def resolved_dtype(dtype: str) -> str:
-    """auto is fp32 on every device. bf16 autocast moves SmolLM2's per-module norms by up to ~9% (q/k
-    projections; Opacus agrees, so it is bf16 itself, and fp32 attention does not help): enough to flip
-    rows near the threshold, so the faster dtype is an explicit choice."""
-    return "fp32" if dtype == "auto" else dtype
 
 
 class Probe(Stage):

@@ -5,23 +5,11 @@ A signal column like the others: route keeps it on every row and never decides b
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass
-
 import pyarrow as pa
 
 from curate import rewards
 from curate.messages import parse_tools
-from curate.stages.base import Stage, model_field, no_effect
-
-
-@dataclass
-class RewardConfig:
-    """Options of the reward stage (the fields' comments); `reward_model` is required."""
-
-    reward_model: str = model_field(MISSING)  # an AutoModelForSequenceClassification folder
-    device: str = no_effect("auto")           # the scores agree across devices up to float rounding
-    batch_tokens: int = no_effect(8192)
-    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
+from curate.stages.base import Stage
 
 
 class Reward(Stage):

@@ -15,39 +15,11 @@ regenerates."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pyarrow as pa
 
 from curate import chat, generation, schema, verifiers
 from curate.messages import parse_tools
 from curate.stages.base import Stage
-
-DEFAULT_FEEDBACK = "Incorrect. Please think again."
-
-
-@dataclass
-class RolloutConfig:
-    """Options of the rollout stage (the fields' comments). ValueError for samples or turns < 1, or a
-    verifier that `verifiers.get` cannot load."""
-
-    generation: generation.GenerationConfig = field(default_factory=generation.GenerationConfig)
-    samples: int = 8                       # K trajectories per prompt
-    turns: int = 5                         # T: answers per trajectory at most
-    verifier: str = "math"                 # math | exact | recorded | module:function
-    feedback: str = DEFAULT_FEEDBACK       # the user message after a wrong answer
-    system: str | None = None              # system message put before prompts that have none
-    success_threshold: float = 1.0         # a numeric verdict (recorded reward, user score) >= this is a success
-
-    def __post_init__(self):
-        if self.samples < 1 or self.turns < 1:
-            raise ValueError("samples and turns must be >= 1")
-        verifiers.get(self.verifier, self.success_threshold)   # fail before any generation
-
-    @property
-    def recorded(self) -> bool:
-        """Whether the verifier is `recorded`: the input's trajectory is replayed, nothing is generated."""
-        return self.verifier == "recorded"
 
 
 def _bool_lists():

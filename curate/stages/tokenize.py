@@ -7,24 +7,12 @@ never stops the run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from curate import chat, models
 from curate.messages import parse_tools
-from curate.stages.base import Stage, model_field
-
-
-@dataclass
-class TokenizeConfig:
-    """Options of the tokenize stage (the fields' comments)."""
-
-    model: str | None = model_field()  # whose tokenizer and chat template (the probe model's)
-    max_length: int | None = None     # cut the start of longer examples, keeping the last turns
-    trust_remote_code: bool = False   # let the model folder run its own code (--trust-remote-code)
-    chat_template: str | None = None  # template text used instead of the tokenizer's (--chat-template FILE)
+from curate.stages.base import Stage
 
 
 class Tokenize(Stage):

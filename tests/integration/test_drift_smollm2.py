@@ -9,7 +9,7 @@ import pytest
 
 from curate.cli import main
 from curate.io.atomic import read_arrow
-from curate.stages.rollout import DEFAULT_FEEDBACK
+from curate.stages.configs import DEFAULT_FEEDBACK
 from curate.verifiers import verify_math
 
 pytestmark = pytest.mark.integration

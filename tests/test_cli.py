@@ -1,0 +1,48 @@
+"""The command line as a new user meets it: help without a command, a version, quick help that shows
+defaults, log levels and a log file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from curate import __version__
+from curate.cli import main
+from tests.conftest import REPO
+
+
+def test_bare_curate_prints_help_and_version(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: curate" in out and "prism" in out and "--verbose" in out
+    try:
+        main(["--version"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert capsys.readouterr().out.strip() == f"curate {__version__}"
+
+
+def test_help_imports_no_torch_and_shows_defaults():
+    code = ("import sys, curate.cli as c; p = c.build_parser(); "
+            "text = p._subparsers._group_actions[0].choices['prism'].format_help(); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules); print(text)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "False False"
+    assert "(default: 2048)" in out and "(default: gini)" in out and "(default: 200)" in out
+
+
+def test_verbose_log_file_and_quiet(raw_dir, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)   # -q sets it: restored after the test
+    args = ["prism", "--input", str(raw_dir), "--out", str(tmp_path / "out"), "--model", tiny_model_dir,
+            "--max-length", "256", "--shard-size", "4"]
+    assert main([*args, "-v", "--log-file", str(tmp_path / "run.log")]) == 0
+    err = capsys.readouterr().err
+    assert "curate: INFO: probe: 3 shards computed, 0 from cache" in err
+    log = (tmp_path / "run.log").read_text()
+    assert "INFO curate.jobs.base: tokenize: 3 shards computed" in log
+    assert main(["-q", *args]) == 0   # before the subcommand too; all cached now
+    err = capsys.readouterr().err
+    assert "INFO" not in err and "probe:" not in err   # no log lines, no progress bars
+
+
+from tests.test_pipeline import raw_dir  # noqa: E402,F401  (fixture)
