@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test test-fast bench bench-scale clean
+.PHONY: setup demo demo-full test test-fast bench bench-scale clean
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/curate prism --input data/demo --out $(DEMO_OUT)/routed --max-length 512
+	$(VENV)/bin/curate prism --input data/demo_quick --out $(DEMO_OUT)/routed --max-length 512
+
+demo-full: setup
+	$(VENV)/bin/curate prism --input data/demo --out $(DEMO_OUT)/routed-full --max-length 512
 
 test: setup
 	$(PY) -m pytest -q

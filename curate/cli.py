@@ -18,11 +18,18 @@ ROUTE_OPTIONS = ("metric", "quantile", "threshold", "reverse", "seed", "stratify
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    """prism, drift, irft: the subcommand's flags -> its job config -> the run's summary."""
+    """prism, drift, irft: the subcommand's flags -> its job config -> the run's summary (prism
+    --dry-run: the plan and estimated probe time instead)."""
     from curate import config
     from curate.jobs import CONFIGS
 
-    print(run_job(args.command, config.from_args(args, CONFIGS[args.command])))
+    cfg = config.from_args(args, CONFIGS[args.command])
+    if getattr(args, "dry_run", False):
+        from curate.jobs.dry_run import describe, dry_run
+
+        print(describe(dry_run(cfg)))
+        return 0
+    print(run_job(args.command, cfg))
     return 0
 
 
@@ -105,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prism", parents=common, help="score every demonstration by gradient concentration and route it to sft/rl")
     config.add_arguments(p, CONFIGS["prism"])
+    p.add_argument("--dry-run", action="store_true", help="ingest and tokenize, time the probe on one real batch, "
+                   "print records, tokens, shards and the estimated probe time; probe nothing, write no output")
     p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("route", parents=common, help="re-route a finished prism run from its cache (no gradients)")

@@ -3,6 +3,7 @@ defaults, log levels and a log file."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -46,3 +47,16 @@ def test_verbose_log_file_and_quiet(raw_dir, tmp_path, tiny_model_dir, capsys, m
 
 
 from tests.test_pipeline import raw_dir  # noqa: E402,F401  (fixture)
+
+
+def test_dry_run_plans_without_probing_or_writing(raw_dir, tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    args = ["prism", "--input", str(raw_dir), "--out", str(out), "--model", tiny_model_dir, "--max-length", "256",
+            "--shard-size", "4", "--work", str(tmp_path / "work")]
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run: 12 records (duplicates 1, quarantined at ingest 2) in 3 shards; 9 to probe" in text
+    assert "estimated probe time" in text and not out.exists() and not (tmp_path / "work" / "probe").exists()
+    assert main(args) == 0   # the real run reuses the dry run's ingest and tokenize shards
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cache"]["tokenize"] == {"computed": 0, "cached": 3}

@@ -10,12 +10,27 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 
+def stage_bar(items: Sequence, desc: str, cost: tuple[list[int], str] | None):
+    """The stage's progress bar: in its units of work (`cost`: one amount per item and the unit, e.g.
+    tokens), so that its rate (tokens/s) and ETA are the whole stage's; else in shards (two or more)."""
+    if cost is None:
+        return tqdm(total=len(items), desc=desc, unit="shard", disable=len(items) < 2)
+    amounts, unit = cost
+    return tqdm(total=sum(amounts), desc=desc, unit=unit, unit_scale=True, disable=not items)
+
+
 class LocalExecutor:
     """Runs every task in this process, one after another (the default)."""
 
-    def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False) -> list:
-        """`fn(item)` for each item, in order, with a progress bar for two or more; `gpu` changes nothing here."""
-        return [fn(x) for x in tqdm(items, desc=desc, unit="shard", disable=len(items) < 2)]
+    def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False,
+            cost: tuple[list[int], str] | None = None) -> list:
+        """`fn(item)` for each item, in order, under one progress bar (`stage_bar`); `gpu` changes nothing here."""
+        out = []
+        with stage_bar(items, desc, cost) as bar:
+            for k, item in enumerate(items):
+                out.append(fn(item))
+                bar.update(cost[0][k] if cost else 1)
+        return out
 
     def close(self) -> None:
         """Nothing to release."""
@@ -42,11 +57,19 @@ class DaskExecutor:
         self.remote = scheduler is not None
 
 
-    def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False) -> list:
-        """`fn(item)` for each item on the cluster, results in item order (a task's exception is raised here).
-        `gpu`: on an existing cluster, each task asks for a worker with the resource GPU=1."""
+    def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False,
+            cost: tuple[list[int], str] | None = None) -> list:
+        """`fn(item)` for each item on the cluster, results in item order (a task's exception is raised here),
+        the stage's progress bar advancing as tasks finish. `gpu`: on an existing cluster, each task asks
+        for a worker with the resource GPU=1."""
+        from dask.distributed import as_completed
+
         resources = {"GPU": 1} if gpu and self.remote else None
         futures = self.client.map(fn, list(items), pure=False, resources=resources)
+        position = {f.key: k for k, f in enumerate(futures)}
+        with stage_bar(items, desc, cost) as bar:
+            for done in as_completed(futures):
+                bar.update(cost[0][position[done.key]] if cost else 1)
         return self.client.gather(futures)
 
     def close(self) -> None:

@@ -70,7 +70,10 @@ def run_sharded(stage: Stage, upstream: list[dict], folder: Path, executor, forc
         results[i] = _cached(target, key, force)
         if results[i] is None:
             pending.append((i, ShardTask(stage, up["path"], str(target), key)))
-    for (i, _), done in zip(pending, executor.map(run_task, [t for _, t in pending], desc=stage.name, gpu=gpu)):
+    tasks = [t for _, t in pending]
+    amounts = [stage.cost(t.source) for t in tasks]
+    cost = (amounts, stage.cost_unit) if tasks and all(a is not None for a in amounts) else None
+    for (i, _), done in zip(pending, executor.map(run_task, tasks, desc=stage.name, gpu=gpu, cost=cost)):
         results[i] = done
     remove_parts_beyond(folder, len(upstream))
     return results, {"computed": len(pending), "cached": len(upstream) - len(pending)}

@@ -31,6 +31,13 @@ def keyed(default: Any, key: Callable[[Any], Any]) -> Any:
     return field(default=default, metadata={"key": key})
 
 
+def shard_rows(path: str) -> int:
+    """Rows of a shard file (its schema and batch lengths only: memory-mapped)."""
+    from curate.io.atomic import read_arrow
+
+    return read_arrow(path).num_rows
+
+
 def config_key(config) -> dict:
     """The cache-key form of a stage config: every field, nested configs included, except those marked
     no_effect; model fields by the model's identity; keyed fields by their resolution. A field added to a
@@ -70,6 +77,13 @@ class Stage:
         """Everything that changes this stage's output: part of every shard's cache key (config_key of
         its config, and the stage's code version)."""
         return {"stage": self.name, "config": config_key(self.config), **self.version}
+
+    cost_unit: ClassVar[str] = "row"
+
+    def cost(self, source: str) -> int | None:
+        """The work one input shard (file `source`) holds, in `cost_unit`s, for the stage's progress bar
+        (its rate and ETA); None: count shards. Read cheaply (a column or two)."""
+        return None
 
     def describe(self) -> dict:
         """Facts about the computation worth keeping in the shard's marker and the manifest."""

@@ -16,7 +16,7 @@ import pyarrow as pa
 from curate import chat, generation, schema
 from curate.io.atomic import stable_hash
 from curate.messages import compact, parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import Stage, shard_rows
 
 
 def stage_of(record_id: str, stages: int) -> int:
@@ -43,6 +43,12 @@ class Continuation(Stage):
     writes = pa.schema([("stage", pa.int32()), ("prompt", schema.MESSAGES), ("chosen", schema.MESSAGES),
                         ("chosen_text", pa.string()), ("rejected_text", pa.string()), ("tools", pa.string()),
                         ("pair_error", pa.string())])
+
+    cost_unit = "record"
+
+    def cost(self, source: str) -> int:
+        """Records whose reply may be generated."""
+        return shard_rows(source)
 
     def describe(self) -> dict:
         return {"generation": asdict(self.config.generation)}

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from curate import logprobs, models, rewards
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import Stage, shard_rows
 
 LOGP_COLUMNS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -28,6 +28,12 @@ class PairScores(Stage):
     writes = pa.schema([*[(c, pa.float64()) for c in LOGP_COLUMNS],
                         ("rm_score_chosen", pa.float32()), ("rm_score_rejected", pa.float32()),
                         ("chosen_len_tokens", pa.int32()), ("rejected_len_tokens", pa.int32())])
+
+    cost_unit = "pair"
+
+    def cost(self, source: str) -> int:
+        """Pairs to score (rows of the continuation shard)."""
+        return shard_rows(source)
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config

@@ -8,14 +8,17 @@ part of the cache key."""
 from __future__ import annotations
 
 import time
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
 from curate import gradients, models, roles, schema
 from curate.batching import right_pad, token_batches
 from curate.corpus import route
+from curate.io.atomic import read_arrow
 from curate.stages.base import Stage
 from curate.stages.configs import resolved_dtype
 
@@ -34,6 +37,13 @@ class Probe(Stage):
     reads = ("input_ids", "loss_mask", "token_error")
     writes = pa.schema([("probe_loss", pa.float32()), ("grad_norms", pa.list_(pa.float32())),
                         ("grad_norm_total", pa.float32())] + [(m, pa.float32()) for m in schema.NORM_METRICS])
+
+    cost_unit = "tok"
+
+    def cost(self, source: str) -> int:
+        """Tokens to probe in the tokenize shard `source`."""
+        tokens = read_arrow(source, ["n_tokens", "token_error"])
+        return int(pc.sum(tokens.column("n_tokens").filter(pc.is_null(tokens.column("token_error")))).as_py() or 0)
 
     def role_map(self, model) -> roles.RoleMap:
         """The architecture map of `model` for this config's modules and allow_partial (NotCovered or

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from curate import rewards
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import Stage, shard_rows
 
 
 class Reward(Stage):
@@ -19,6 +19,10 @@ class Reward(Stage):
     runs_model = True
     reads = ("messages", "tools")
     writes = pa.schema([("rm_score", pa.float32())])
+
+    def cost(self, source: str) -> int:
+        """Records to score."""
+        return shard_rows(source)
 
     def run(self, shard: pa.Table) -> pa.Table:
         c = self.config

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from curate import chat, generation, schema, verifiers
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import Stage, shard_rows
 
 
 def _bool_lists():
@@ -35,6 +35,12 @@ class Rollout(Stage):
     writes = pa.schema([("trajectories", pa.list_(schema.MESSAGES)), ("turn_correct", _bool_lists()),
                         ("turn_parseable", _bool_lists()), ("turn_answers", pa.list_(pa.list_(pa.string()))),
                         ("turn_score", pa.list_(pa.list_(pa.float64()))), ("rollout_error", pa.string())])
+
+    cost_unit = "rollout"
+
+    def cost(self, source: str) -> int | None:
+        """Trajectories to sample: records x samples (None for the recorded verifier: nothing is generated)."""
+        return None if self.config.recorded else shard_rows(source) * self.config.samples
 
     @property
     def runs_model(self) -> bool:
