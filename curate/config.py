@@ -41,7 +41,7 @@ RANGES = {
     "quantile": (0, 1, False), "samples": (1, None, False), "turns": (1, None, False),
     "temperature": (0, None, False), "top_p": (0, 1, True), "max_new_tokens": (1, None, False),
     "gamma": (0, 1, True), "beta": (0, None, True), "max_weight": (0, None, True),
-    "repetition_penalty": (0, None, False), "format_penalty": (None, 0, False), "stages": (1, None, False), "stage": (0, None, False), "bootstrap": (0, None, False),
+    "repetition_penalty": (0, None, False), "format_penalty": (None, 0, False), "stages": (1, None, False), "stage": (0, None, False), "bootstrap": (0, None, False), "seed": (0, None, False),
 }
 
 

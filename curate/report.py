@@ -217,10 +217,12 @@ def _scores(s: Summary) -> str:
     if not any(v.size for v in scores.values()):
         return ""
     routing = s.manifest.get("routing") or {}
-    metric = routing.get("metric", "score")
+    metric = score_label(routing)
     uri = score_histograms(scores, routing.get("threshold"), metric)
+    line = ("dashed: the routing threshold" if routing.get("threshold") is not None
+            else "one threshold per group (Routing diagnostics)")
     return "<h2>Score distribution</h2>" + _figure(
-        "fig-scores", uri, f"{metric} per partition; dashed: the routing threshold ({routing.get('rule', '')})")
+        "fig-scores", uri, f"{metric} per partition; {line} ({routing.get('rule', '')})")
 
 
 def _norms(s: Summary) -> str:
@@ -277,13 +279,19 @@ def _signals(s: Summary) -> str:
             + _table("signal-stats", ["column", "partition", "rows", "mean", "min", "max"], rows))
 
 
+def score_label(routing: dict) -> str:
+    """What the `score` column holds: the metric, or its length residual."""
+    metric = routing.get("metric", "score")
+    return f"{metric} residual after the length fit" if routing.get("control") == "length" else metric
+
+
 def _scans(s: Summary) -> dict[str, RoutingScan]:
     return {k: p.routing for k, p in s.parts.items() if k in ("sft", "rl")}
 
 
 def _routing(s: Summary) -> str:
     """The diagnostics' tables and the score-against-length scatter (routed folders)."""
-    metric = (s.manifest.get("routing") or {}).get("metric", "score")
+    metric = score_label(s.manifest.get("routing") or {})
     scores = {k: p.score_array() for k, p in s.parts.items() if k in ("sft", "rl")}
     return diagnostics_section(s.manifest, _table) + scatter_section(scores, _scans(s), metric, _figure)
 

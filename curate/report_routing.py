@@ -156,7 +156,7 @@ def examples_section(scans: dict[str, RoutingScan], source_rows: dict[str, int],
             for kind in KINDS:
                 if (source, kind) in scan.picks:
                     _, path, row = scan.picks[(source, kind)]
-                    rows.append([Path(source).name, part, kind, *_excerpt(path, row)])
+                    rows.append([source, part, kind, *_excerpt(path, row)])
     if not rows:
         return ""
     return ("<h2>Example rows</h2>" + table(

@@ -60,3 +60,12 @@ def test_dry_run_plans_without_probing_or_writing(raw_dir, tmp_path, tiny_model_
     assert main(args) == 0   # the real run reuses the dry run's ingest and tokenize shards
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cache"]["tokenize"] == {"computed": 0, "cached": 3}
+
+
+def test_nothing_routed_with_module_scale_is_the_plain_error(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "truncated\n{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    assert main(["prism", "--input", str(bad), "--out", str(tmp_path / "out"), "--model", tiny_model_dir,
+                 "--module-scale", "numel"]) == 2
+    assert "nothing routed: 0 of 2 records" in capsys.readouterr().err
+    assert (tmp_path / "out" / "quarantine" / "part-00000.jsonl").exists()

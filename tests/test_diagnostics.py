@@ -195,3 +195,40 @@ def test_module_scale_numel_divides_each_norm_before_the_metric(tmp_path):
     gini = 1 - 2 * np.sum((x / x.sum(axis=1, keepdims=True)) * ((n - k + 0.5) / n), axis=1)
     assert np.allclose(column(rows, "gini"), gini, atol=1e-5) and np.array_equal(column(rows, "score"), column(rows, "gini"))
     assert not np.allclose(column(rows, "gini"), concentration.gini(np.array(rows.column("grad_norms").to_pylist())), atol=1e-3)
+
+
+def test_warnings_do_not_cry_wolf(tmp_path):
+    """A split the sources do not explain (a random metric at an unbalanced quantile), a split already
+    stratified by source, small sources and an applied control: no warning that says otherwise."""
+    state = build(tmp_path, gini=alternating)
+    unbalanced, _ = route(state, tmp_path / "random", metric="random", quantile=0.85)
+    assert unbalanced["diagnostics"]["source_dependence"]["lift"] < 0.5
+    assert not any("follows the source" in w for w in unbalanced["diagnostics"]["warnings"])
+    stratified, _ = route(state, tmp_path / "strat", stratify="source")
+    assert not any("follows the source" in w for w in stratified["diagnostics"]["warnings"])
+    controlled, _ = route(state, tmp_path / "ctl", control="length", stratify="source")
+    assert not any("--control length`" in w for w in controlled["diagnostics"]["warnings"])
+
+
+def test_a_group_that_cannot_be_split_and_an_empty_partition_are_named(tmp_path):
+    state = build(tmp_path, n=1)   # one record per source
+    manifest, rows = route(state, tmp_path / "out", stratify="source")
+    warnings = manifest["diagnostics"]["warnings"]
+    assert any("2 source group(s) went whole to one partition" in w for w in warnings)
+    assert any("every routed row went to sft" in w for w in warnings) and rows.num_rows == 2
+
+
+def test_bad_routing_options_are_refused_by_name():
+    with pytest.raises(ValueError, match="--seed must be >= 0"):
+        RouteConfig(seed=-1)
+    with pytest.raises(ValueError, match="cannot be combined with --stratify"):
+        RouteConfig(threshold=0.3, stratify="source")
+    with pytest.raises(ValueError, match="--seed must be >= 0"):
+        PrismConfig(input=["x"], seed=-1)
+
+
+def test_the_first_token_is_never_a_target():
+    from curate.chat import Encoded
+
+    assert Encoded([5, 6, 7], [1, 0, 0], True).n_loss_tokens == 0   # quarantined by tokenize, not probed as 0
+    assert Encoded([5, 6, 7], [1, 1, 1], True).n_loss_tokens == 2

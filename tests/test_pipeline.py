@@ -85,7 +85,8 @@ def test_output_norms_equal_naive_autograd(raw_dir, tmp_path, tiny_model_dir):
         loss, norms = naive_norms(model, enc.input_ids, enc.loss_mask)
         assert row["probe_loss"] == pytest.approx(loss, rel=1e-4)
         torch.testing.assert_close(torch.tensor(row["grad_norms"], dtype=torch.float64), norms, rtol=1e-4, atol=0)
-        assert row["n_tokens"] == len(enc.input_ids) and row["n_loss_tokens"] == sum(enc.loss_mask)
+        # the first token is never predicted: no target, even where truncation leaves an assistant token there
+        assert row["n_tokens"] == len(enc.input_ids) and row["n_loss_tokens"] == sum(enc.loss_mask[1:])
 
 
 def test_rerun_is_a_cache_hit_with_identical_bytes(raw_dir, tmp_path, tiny_model_dir):

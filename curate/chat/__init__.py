@@ -94,7 +94,8 @@ __all__ = ["ENCODING_VERSION", "NOT_RECORD_ERRORS", "TOOLS_HEADER", "Encoded", "
 # 2 = reasoning a template ignores written as text, schemas in the first user turn without a system
 # role, arguments as given to templates that write them as text, 9-character probe call ids.
 # 3 = the tokenize stage also reports what a template writes nowhere (`unrendered`).
-ENCODING_VERSION = 3
+# 4 = n_loss_tokens counts the tokens a model predicts (not the first one, which no position predicts).
+ENCODING_VERSION = 4
 
 
 @dataclass
@@ -114,8 +115,9 @@ class Encoded:
 
     @property
     def n_loss_tokens(self) -> int:
-        """Number of target tokens (the ones in `loss_mask`)."""
-        return sum(self.loss_mask)
+        """Number of target tokens: the ones in `loss_mask` after the first token, which no position predicts
+        (a truncated example can start with an assistant token), so what the probe's mean NLL averages."""
+        return sum(self.loss_mask[1:])
 
 
 def render(tokenizer, messages: list[dict], generation_prompt: bool = False, tools: list[dict] | None = None,

@@ -81,7 +81,7 @@ def decide(shards: list[ShardFeatures], cfg: RouteConfig) -> Decision:
                "rule": "score <= threshold -> sft" + (" (reversed: -> rl)" if cfg.reverse else "")
                        + (f" within each {cfg.stratify}" if stratified else "")}
     diag = diagnose(score, metrics, covariates, truncated, route == "rl", sources, formats)
-    diag["stratify"] = cfg.stratify
+    diag["stratify"], diag["control"] = cfg.stratify, cfg.control
     diag["threshold"] = {"bootstrap": cfg.bootstrap if cfg.threshold is None else 0, "groups": groups}
     diag["warnings"] = D.warnings(diag) if n else []
     return Decision(per_shard, routing, diag)

@@ -21,7 +21,9 @@ from scipy import stats
 COVARIATES = ("n_tokens", "n_loss_tokens", "probe_loss", "grad_norm_total")
 LENGTHS = ("n_tokens", "n_loss_tokens")
 LENGTH_WARN = 0.5      # |ρ(score, length)| from which the split is said to follow length
-SOURCE_WARN = 0.8      # share of rows whose route their source's majority route predicts
+SOURCE_WARN = 0.8      # share of rows whose route their source's majority route predicts ...
+SOURCE_LIFT = 0.5      # ... and how much better that is than the larger partition alone (source_dependence)
+MIN_ROWS = 10          # rows from which a rank correlation is read as a trend (3 rows give only +-0.5 or +-1)
 TRUNCATED_WARN = 0.2   # share of routed rows cut to --max-length
 FIT_ROWS = 2000        # rows the length fit uses at most (Theil-Sen is quadratic in them)
 
@@ -91,14 +93,21 @@ def agreement(metrics: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 
 def source_dependence(rl: np.ndarray, sources: Groups) -> dict:
-    """How well the source alone predicts the route: each source's majority route, and the share of rows
-    that route matches (1.0: the split is the sources; a balanced split independent of them: about 0.5)."""
+    """How well the source alone predicts the route: each source's majority route, the share of rows that
+    route matches (`accuracy`), the share the larger partition alone would match (`baseline`), and the
+    lift over it, (accuracy - baseline) / (1 - baseline): 0 when the sources say nothing the split's
+    balance does not, 1 when they decide it."""
     majority, matched = {}, 0
     for name, rows in sources.members():
         n_rl = int(rl[rows].sum())
         majority[name] = "rl" if 2 * n_rl > rows.size else "sft"
         matched += max(n_rl, rows.size - n_rl)
-    return {"accuracy": round(matched / len(rl), 4) if len(rl) else None, "majority": majority}
+    if not len(rl):
+        return {"accuracy": None, "baseline": None, "lift": None, "majority": majority}
+    accuracy, baseline = matched / len(rl), max(int(rl.sum()), int((~rl).sum())) / len(rl)
+    lift = (accuracy - baseline) / (1 - baseline) if baseline < 1 else 0.0
+    return {"accuracy": round(accuracy, 4), "baseline": round(baseline, 4), "lift": round(lift, 4),
+            "majority": majority}
 
 
 def length_residuals(score: np.ndarray, n_loss_tokens: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
@@ -147,31 +156,28 @@ def interval(replicates: np.ndarray) -> dict:
 
 
 def warnings(diag: dict) -> list[str]:
-    """Plain-language warnings from a diagnostics dict (see `curate.corpus.decide`)."""
-    out = []
-    overall, by_source = diag["spearman"]["overall"], diag["spearman"]["by_source"]
-    if diag.get("stratify") == "source":  # each source is split on its own: length matters within one
-        for source, rhos in by_source.items():
-            rho = next((rhos[n] for n in LENGTHS if rhos.get(n) is not None and abs(rhos[n]) >= LENGTH_WARN), None)
-            if rho is not None:
-                out.append(f"within {source} the score follows length: Spearman rho(score, length) = {rho:+.2f}. "
-                           "Compare `curate route --control length`.")
-    else:
-        for name in LENGTHS:
-            rho = overall.get(name)
-            if rho is not None and abs(rho) >= LENGTH_WARN:
-                within = {s: r[name] for s, r in by_source.items() if r.get(name) is not None}
-                inside = "; within each source: " + ", ".join(f"{s} {r:+.2f}" for s, r in within.items()) if within else ""
-                out.append(f"the score follows length: Spearman rho(score, {name}) = {rho:+.2f}{inside}. Compare "
-                           "`curate route --control length` and `--stratify source`.")
-                break
-    dep = diag["source_dependence"]
-    by_source = diag["splits"]["by_source"]
-    if len(by_source) > 1 and dep["accuracy"] is not None and dep["accuracy"] >= SOURCE_WARN:
+    """Plain-language warnings from a diagnostics dict (corpus.decide), in the light of the routing's own
+    `stratify` and `control` (never advising what is already done)."""
+    stratify, control = diag.get("stratify", "none"), diag.get("control", "none")
+    out = _length_warnings(diag, stratify, control)
+    dep, by_source = diag["source_dependence"], diag["splits"]["by_source"]
+    if (stratify != "source" and len(by_source) > 1 and dep["accuracy"] is not None
+            and dep["accuracy"] >= SOURCE_WARN and dep["lift"] >= SOURCE_LIFT):
         parts = ", ".join(f"{s} -> {dep['majority'][s]} ({by_source[s][dep['majority'][s]]}/{by_source[s]['rows']})"
                           for s in by_source)
         out.append(f"the split follows the source: {parts}; the source alone predicts {dep['accuracy']:.0%} of "
-                   "routes. `curate route --stratify source` splits every source at its own median.")
+                   f"routes (the larger partition alone {dep['baseline']:.0%}). `curate route --stratify source` "
+                   "takes the quantile within each source.")
+    if stratify != "none":
+        flat = [g for g, s in diag["splits"][f"by_{stratify}"].items() if s["rows"] and not (s["sft"] and s["rl"])]
+        if flat:
+            out.append(f"{len(flat)} {stratify} group(s) went whole to one partition (too few rows or tied scores "
+                       f"to split): {', '.join(flat[:5])}{' and more' if len(flat) > 5 else ''}.")
+    totals = {p: sum(s[p] for s in by_source.values()) for p in ("sft", "rl")}
+    empty = [p for p, n in totals.items() if not n]
+    if diag["rows"] and empty:
+        out.append(f"every routed row went to {'rl' if empty == ['sft'] else 'sft'}: the {empty[0]} partition is "
+                   "empty (a fixed --threshold outside the scores, a quantile of 0 or 1, or tied scores).")
     trunc = diag["truncated"]
     routed = diag["rows"]
     n_trunc = trunc["sft"] + trunc["rl"]
@@ -180,3 +186,28 @@ def warnings(diag: dict) -> list[str]:
                    f"(sft {trunc['sft']}, rl {trunc['rl']}): their scores measure the kept tokens only; "
                    "raise --max-length if the model allows.")
     return out
+
+
+def _length_warnings(diag: dict, stratify: str, control: str) -> list[str]:
+    """|rho(score, length)| >= LENGTH_WARN: overall, or within each source (of MIN_ROWS rows or more) when
+    every source is split on its own."""
+    advice = ("" if control == "length" else " Compare `curate route --control length`"
+              + ("" if stratify == "source" else " and `--stratify source`") + ".")
+    after = " even after --control length" if control == "length" else ""
+    sizes = {s: v["rows"] for s, v in diag["splits"]["by_source"].items()}
+    if stratify == "source":  # each source is split on its own: length matters within one
+        out = []
+        for source, rhos in diag["spearman"]["by_source"].items():
+            rho = next((rhos[n] for n in LENGTHS if rhos.get(n) is not None and abs(rhos[n]) >= LENGTH_WARN), None)
+            if rho is not None and sizes.get(source, 0) >= MIN_ROWS:
+                out.append(f"within {source} the score follows length{after}: Spearman rho(score, length) = "
+                           f"{rho:+.2f}.{advice}")
+        return out
+    for name in LENGTHS:
+        rho = diag["spearman"]["overall"].get(name)
+        if rho is not None and abs(rho) >= LENGTH_WARN and diag["rows"] >= MIN_ROWS:
+            within = {s: r[name] for s, r in diag["spearman"]["by_source"].items()
+                      if r.get(name) is not None and sizes.get(s, 0) >= MIN_ROWS}
+            inside = "; within each source: " + ", ".join(f"{s} {r:+.2f}" for s, r in within.items()) if within else ""
+            return [f"the score follows length{after}: Spearman rho(score, {name}) = {rho:+.2f}{inside}.{advice}"]
+    return []

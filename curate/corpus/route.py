@@ -50,6 +50,12 @@ class RouteConfig:
             raise ValueError(f"--threshold must be a finite number, got {self.threshold}")
         if self.bootstrap < 0:
             raise ValueError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.threshold is not None and (self.stratify != "none" or self.control != "none"):
+            raise ValueError("a fixed --threshold is a value on the metric's scale for the whole corpus: it "
+                             "cannot be combined with --stratify (a quantile per group) or --control length "
+                             "(residuals); use --quantile")
 
 
 def scores(ids: list[str], grad_norms: pa.ChunkedArray | pa.Array, seed: int,

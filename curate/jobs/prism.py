@@ -142,7 +142,7 @@ def write_routed(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
     timings = {**state["timings"], "route": time.perf_counter() - t0}
     tokenize = state["tokenize"][0].get("chat_template") or {} if state["tokenize"] else {}
     return output.finish(
-        counts, state["model"], provenance(state["config"], state["ingest"], state["cache"], timings),
+        counts, state["model"], provenance({**state["config"], **asdict(cfg)}, state["ingest"], state["cache"], timings),
         routing=decision.routing, diagnostics=decision.diagnostics,
         chat_template={**tokenize, "tool_rendering": _counts(template, "rendering"),
                        "unrendered": _counts(template, "unrendered")},
@@ -151,7 +151,7 @@ def write_routed(state: dict, cfg: route.RouteConfig, out: Path) -> dict:
 
 def _numel(state: dict, cfg: route.RouteConfig) -> np.ndarray | None:
     """The weights behind each grad_norms entry, for --module-scale numel (None without it)."""
-    if cfg.module_scale == "none":
+    if cfg.module_scale == "none" or not state["probe"]:   # nothing probed: nothing to scale
         return None
     numel = (state.get("probe_map") or {}).get("numel")
     if not numel:

@@ -142,11 +142,22 @@ def test_trl_dpo_trainer_uses_precomputed_reference(exports, tiny_model_dir, tmp
 VERL_INSTALL = "make setup (into .venv/consumers; see the Makefile)"
 
 
+def _verl_transformers_shim() -> None:
+    """verl 0.9.1's SFT dataset module imports its Qwen2-VL patches, which import an output class that
+    newer transformers renamed (Qwen2VLCausalLMOutputWithPast -> MultimodalCausalLMOutputWithPast). Text
+    datasets never use it: the old name is given the new class, so verl's own dataset class can load ours."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
+
+    if not hasattr(qwen2_vl, "Qwen2VLCausalLMOutputWithPast") and hasattr(qwen2_vl, "MultimodalCausalLMOutputWithPast"):
+        qwen2_vl.Qwen2VLCausalLMOutputWithPast = qwen2_vl.MultimodalCausalLMOutputWithPast
+
+
 def _verl(module: str, *names: str):
     """verl's own classes, or a skip that says why (verl pins transformers < 5.11; its RL dataset module
     imports fine with newer versions, its SFT dataset module does not)."""
     import importlib
 
+    _verl_transformers_shim()
     try:
         mod = importlib.import_module(module)
         return [getattr(mod, n) for n in names]

@@ -10,7 +10,9 @@ scalar columns.
 Tool conversations: `prompt` / `messages` keep their tool fields (see conventions.py); rl rows carry
 `extra_info.tools` (the JSON text of the row's function schemas, null without) and
 `extra_info.tool_selection` (their names, null without: verl's ToolAgentLoop offers a row only these
-of the tools in its tool config); sft rows keep the `tools` column (JSON text)."""
+of the tools in its tool config); sft rows keep the `tools` column (JSON text) when some row of the
+partition has tools, and have none otherwise (verl's MultiTurnSFTDataset passes the column's value to the
+chat template, which a null breaks)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ PARTITIONS = ("sft", "rl")
 UNSUPPORTED = {"pairs": "verl has no preference-pair (DPO) trainer; export pairs with --to trl or openrlhf"}
 # Columns of a routed RL row copied into extra_info when present (reward functions receive extra_info).
 EXTRA_INFO = ("id", "source", "source_index", "format", "reward", "score", "gini", "cv", "kurtosis",
-              "probe_loss", "grad_norm_total", "route", "threshold", "rm_score", "demo_len_tokens", "cut_points",
+              "probe_loss", "grad_norm_total", "route", "threshold", "route_confidence", "rm_score", "demo_len_tokens", "cut_points",
               "tools")
 
 
@@ -33,7 +35,10 @@ def convert(partition: str, table: pa.Table, path: Path, offset: int, part: comm
             log: common.RowLog) -> pa.Table:
     if partition == "sft":
         table = common.sft_table(table, path)
-        return table.select(["messages", *[c for c in common.scalar_columns(table.schema) if c != "messages"]])
+        # MultiTurnSFTDataset hands a `tools` column's value to the chat template as the tool list: a
+        # partition without any tools leaves the column out (a null there fails the template)
+        keep = [c for c in common.scalar_columns(table.schema) if c != "messages" and (c != "tools" or part.has("tools"))]
+        return table.select(["messages", *keep])
     return rl_table(common.rl_table(table, path), offset)
 
 
