@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from datasets import DatasetDict
+
 from curate.io.atomic import atomic_path, read_json
 
 PARTITIONS = {"prism": ("sft", "rl"), "drift": ("sft",), "irft": ("pairs", "stage_index")}
@@ -31,22 +33,14 @@ def _datasets():
     return datasets
 
 
-class Result(dict):
-    """A job's output as `datasets.Dataset`s by partition (a `datasets.DatasetDict`'s keys and values),
-    each memory-mapped from the shards the job wrote, with `manifest` (the run's manifest.json as a dict)
-    and `out` (the output folder)."""
+class Result(DatasetDict):
+    """A job's output as a `datasets.DatasetDict` by partition, each Dataset memory-mapped from the shards
+    the job wrote, with `manifest` (the run's manifest.json as a dict) and `out` (the output folder).
+    (DatasetDict's own methods return plain DatasetDicts, without them.)"""
 
     def __init__(self, parts: dict, manifest: dict, out: Path):
         super().__init__(parts)
         self.manifest, self.out = manifest, out
-
-    def to_dataset_dict(self):
-        """The partitions as a plain `datasets.DatasetDict`."""
-        return _datasets().DatasetDict(self)
-
-    def __repr__(self) -> str:
-        parts = ", ".join(f"{k}: {v.num_rows} rows" for k, v in self.items())
-        return f"Result({parts}; out={self.out})"
 
 
 def load(out: str | os.PathLike) -> Result:

@@ -40,7 +40,8 @@ def api_run(gsm8k, tiny_model_dir, tmp_path_factory):
 
 
 def test_a_dataset_in_gives_the_clis_shards_byte_for_byte(api_run, gsm8k, tiny_model_dir, tmp_path):
-    assert set(api_run) == {"sft", "rl"} and api_run["sft"].num_rows + api_run["rl"].num_rows == 10
+    assert isinstance(api_run, datasets.DatasetDict) and set(api_run) == {"sft", "rl"}
+    assert api_run["sft"].num_rows + api_run["rl"].num_rows == 10
     assert isinstance(api_run["rl"], datasets.Dataset) and api_run.manifest["counts"]["input"] == 10
     # the command line on the file the API wrote: the same shards, byte for byte
     written = api_run.manifest["inputs"][0]["path"]
