@@ -1,7 +1,7 @@
 """`curate` command line. Thin: parse, build a config, call the pipeline, print where things are.
 
 Exit codes: 0 success; 2 usage, input or file error (the message names the file and record; a folder in
-use by another run; nothing routed); 130 interrupted (Ctrl-C; rerun to resume); 1 internal error."""
+use by another run; nothing written: every record quarantined or a duplicate); 130 interrupted (Ctrl-C; rerun to resume); 1 internal error."""
 
 from __future__ import annotations
 

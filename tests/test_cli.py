@@ -69,3 +69,14 @@ def test_nothing_routed_with_module_scale_is_the_plain_error(tmp_path, tiny_mode
                  "--module-scale", "numel"]) == 2
     assert "nothing routed: 0 of 2 records" in capsys.readouterr().err
     assert (tmp_path / "out" / "quarantine" / "part-00000.jsonl").exists()
+
+
+def test_drift_and_irft_on_an_all_quarantined_input_fail_like_prism(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "truncated\n{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    assert main(["drift", "--input", str(bad), "--out", str(tmp_path / "d"), "--verifier", "recorded"]) == 2
+    assert "drift: nothing written: each of the 2 records was quarantined (2)" in capsys.readouterr().err
+    assert main(["irft", "--input", str(bad), "--out", str(tmp_path / "i"), "--model", tiny_model_dir,
+                 "--max-new-tokens", "4"]) == 2
+    assert "irft: nothing written" in capsys.readouterr().err
+    assert (tmp_path / "d" / "quarantine" / "part-00000.jsonl").exists()   # the reasons are written

@@ -25,6 +25,11 @@ INGEST = "ingest"
 log = logging.getLogger(__name__)
 
 
+class NothingWritten(ValueError):
+    """Every record was quarantined or a duplicate: the output is written (its quarantine says why), and
+    the job fails (exit code 2) rather than report success on nothing."""
+
+
 @dataclass
 class StageRun:
     """What the per-shard stages left: the ingest marker, each stage's done markers (stage name ->
@@ -86,7 +91,13 @@ class Job:
         with folders.job_folders(Path(cfg.out).resolve(), cfg.work_dir, cfg.input):
             clean_stale_temps(cfg.work_dir)
             self.prepare(cfg.work_dir)
-            return self.corpus(self.run_stages())
+            manifest = self.corpus(self.run_stages())
+        c = manifest["counts"]
+        if c["input"] and c["quarantined"] + c["duplicates"] == c["input"]:
+            raise NothingWritten(f"{self.name}: nothing written: each of the {c['input']} records was quarantined "
+                                 f"({c['quarantined']}) or a duplicate ({c['duplicates']}); the reasons are in "
+                                 f"{Path(cfg.out).resolve() / 'quarantine'}/")
+        return manifest
 
     def run_stages(self) -> StageRun:
         """Ingest, then every stage over every shard (cached results reused), on the configured executor.

@@ -22,7 +22,7 @@ from curate.corpus.attribution import Entries
 from curate.corpus.decide import decide
 from curate.engine.outputs import JobOutput, provenance
 from curate.io.atomic import write_json
-from curate.jobs.base import INGEST, Job, StageRun
+from curate.jobs.base import INGEST, Job, NothingWritten, StageRun
 from curate.stages.prefix import Prefix
 from curate.stages.probe import Probe
 from curate.stages.reward import Reward
@@ -31,7 +31,7 @@ from curate.stages.tokenize import Tokenize
 STATE = "state.json"  # what `curate route` needs to re-route from the cache
 
 
-class NothingRouted(ValueError):
+class NothingRouted(NothingWritten):
     """Every record was quarantined or a duplicate: the output is written (its quarantine says why), and
     the job fails (exit code 2) rather than report a split of nothing."""
 
