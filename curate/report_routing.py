@@ -164,9 +164,9 @@ def examples_section(scans: dict[str, RoutingScan], source_rows: dict[str, int],
 
 
 def _excerpt(path: str, row: int) -> list:
-    columns = [c for c in ("score", "route_confidence", "n_tokens", "messages")
-               if c in read_arrow(path).schema.names]
-    values = read_arrow(path, columns).slice(row, 1).to_pylist()[0]
+    table = read_arrow(path)   # memory-mapped: only the row's wanted cells are read
+    columns = [c for c in ("score", "route_confidence", "n_tokens", "messages") if c in table.column_names]
+    values = table.select(columns).slice(row, 1).to_pylist()[0]
     messages = values.get("messages") or []
     user = next((m["content"] or "" for m in messages if m["role"] == "user"), "")
     reply = next((m["content"] or "" for m in reversed(messages) if m["role"] == "assistant"), "")

@@ -31,9 +31,13 @@ class Decision:
 
 
 def _groups(parts: list[tuple[list[str], np.ndarray]]) -> D.Groups:
-    """One Groups over the corpus from each shard's (labels, indices)."""
-    labels = [label for names, index in parts for label in np.asarray(names, dtype=object)[index]] if parts else []
-    return D.Groups.of(labels)
+    """One Groups over the corpus from each shard's (labels, indices): each shard's codes mapped to the
+    corpus's sorted labels, without a Python string per row."""
+    names = sorted({label for labels, _ in parts for label in labels})
+    code = {name: i for i, name in enumerate(names)}
+    codes = [np.array([code[label] for label in labels], dtype=np.int32)[index] if len(index) else
+             np.zeros(0, np.int32) for labels, index in parts]
+    return D.Groups(np.concatenate(codes) if codes else np.zeros(0, np.int32), names)
 
 
 def decide(shards: list[ShardFeatures], cfg: RouteConfig) -> Decision:
