@@ -180,7 +180,7 @@ class PrismConfig(RunOptions):
     max_length: int | None = opt(2048, "tokens per example; longer ones lose the start of their context")
     chat_template: str | None = opt(None, "Jinja chat template file (.jinja, or JSON with a chat_template key) used instead of the model's, e.g. for a base model without one")
     device: str = opt("auto", "where the probe runs", choices=("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "probe matmul precision (auto: fp32, exact; bf16/fp16: autocast, faster on GPUs, ~1e-2 error)", choices=("auto", "fp32", "bf16", "fp16"))
+    dtype: str = opt("auto", "probe matmul precision (auto: fp32, exact; tf32: fp32 with TF32 CUDA matmuls; bf16/fp16: autocast, tensor-core norms, faster on GPUs, ~1e-2 error)", choices=("auto", "fp32", "tf32", "bf16", "fp16"))
     batch_tokens: int = opt(4096, "padded tokens per probe batch (memory: ~1.7 MB a token for SmolLM2 in fp32)")
     modules: list[str] = field(default_factory=list, metadata={
         "help": "what the probe measures in every layer: PRISM roles (q k v o gate up down; router expert_gate "

@@ -32,23 +32,101 @@ from curate.roles import RoleMap, Rows, Site, decoder
 
 
 def per_example_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """‖G_iᵀA_i‖²_F for each i, a: (B,T,d_in), g: (B,T,d_out), in fp32, by the cheaper exact form."""
+    """‖G_iᵀA_i‖²_F for each i, a: (B,T,d_in), g: (B,T,d_out), as fp32 (B,), by the cheaper exact form."""
     return per_example_block_sq_norms(a, g, [None])[:, 0]
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# FLOPs the device does in the time it moves one byte through memory (its "machine balance"), by device
+# type and whether the matmul inputs are bf16/fp16: it weighs the bytes each form writes and reads against
+# its multiply-adds. CUDA: an H100/H200 does ~790 TFLOP/s dense bf16 and ~4.3 TB/s device copies (measured),
+# ~50 TFLOP/s plain fp32, ~400 with TF32 allowed. CPU: 0, i.e. multiply-adds alone, the rule curate has
+# always used there. A fixed table, not a timing, so that the same inputs always take the same form.
+MACHINE_BALANCE = {("cuda", True): 180.0, ("cuda", False): 12.0, ("cuda", "tf32"): 90.0}
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA fp32 matmuls may use TF32 (torch's newer fp32_precision setting, else allow_tf32)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool = True):
+    """CUDA fp32 matmuls may use TF32 (10-bit mantissa inputs, fp32 accumulation) inside the block, and
+    the setting is restored after it. The probe's `--dtype tf32`."""
+    matmul = torch.backends.cuda.matmul
+    field = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, field)
+    setattr(matmul, field, ("tf32" if enabled else "ieee") if field == "fp32_precision" else enabled)
+    try:
+        yield
+    finally:
+        setattr(matmul, field, before)
+
+
+def _balance(device: torch.device, low: bool) -> float:
+    if device.type != "cuda":
+        return 0.0
+    if not low and tf32_enabled():
+        return MACHINE_BALANCE[("cuda", "tf32")]
+    return MACHINE_BALANCE[("cuda", low)]
+
+
+def gram_is_cheaper(t: int, d_in: int, d_out: int, blocks: int, balance: float) -> bool:
+    """Whether the Gram form costs less than the product form for one example of T tokens (d_out: all
+    blocks' outputs together; blocks: how many Grams of G are formed), by roofline cost = multiply-add
+    FLOPs + balance · fp32 bytes written and read (see MACHINE_BALANCE):
+      Gram:    2T²(d_in + d_out) FLOPs; A Aᵀ and each block's G Gᵀ, T×T each, written and read
+      product: 2T·d_in·d_out FLOPs;   G ᵀA, d_out×d_in, written and read back to square it"""
+    gram = 2 * t * t * (d_in + d_out) + balance * 8 * t * t * (1 + blocks)
+    product = 2 * t * d_in * d_out + balance * 8 * d_in * d_out
+    return gram < product
+
+
+_OUT_DTYPE_BMM: dict[str, bool] = {}
+
+
+def _bmm_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y as fp32. bf16/fp16 inputs stay low precision (tensor cores) with fp32 accumulation and an fp32
+    result (torch's bmm out_dtype, CUDA); where that is missing, the low-precision result is upcast, which
+    rounds each entry to the input precision before it is squared."""
+    if x.dtype not in LOW_PRECISION:
+        return torch.bmm(x, y)
+    if _OUT_DTYPE_BMM.get(x.device.type, True):
+        try:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_BMM[x.device.type] = False
+    return torch.bmm(x, y).float()
+
+
 def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Rows]) -> torch.Tensor:
-    """(B, len(blocks)): ‖G_i[:, b]ᵀ A_i‖²_F for each example i and each block b of output features (a
-    slice or index of g's last dim; None: all), i.e. the gradient norm of the rows of W that compute
-    those outputs. fp32, by the cheaper exact form; both cost what one unsplit matrix does:
+    """(B, len(blocks)) fp32: ‖G_i[:, b]ᵀ A_i‖²_F for each example i and each block b of output features (a
+    slice or index of g's last dim; None: all), i.e. the gradient norm of the rows of W that compute those
+    outputs; a: (B,T,d_in), g: (B,T,d_out). Both exact forms cost what one unsplit matrix does:
       Gram:    (A_iA_iᵀ) formed once, Σ_ts (A_iA_iᵀ)_ts (G_ibG_ibᵀ)_ts per block    ~ T²·(d_in+d_out)
-      product: squares of G_iᵀA_i (d_out×d_in), summed over each block's rows          ~ T·d_in·d_out"""
-    a, g = a.float(), g.float()
+      product: squares of G_iᵀA_i (d_out×d_in), summed over each block's rows          ~ T·d_in·d_out
+    chosen per call by `gram_is_cheaper` for this device.
+
+    Precision. On CUDA, a bf16/fp16 g (autocast: the output gradient a bf16 training step has too) makes
+    both matmuls take bf16/fp16 inputs (a is cast to g's dtype, as autocast's linear did in forward), so
+    they run on tensor cores, accumulating in fp32 with an fp32 result; squares and sums are fp32. That is
+    the weight gradient a bf16 training step forms, so the norm matches it, not an fp32 one: relative
+    error against fp32 inputs ~1e-3 (benchmarks/gpu_check.py measures it). Otherwise (fp32, or any CPU run)
+    everything is fp32, and under TF32 (torch.backends.cuda.matmul.allow_tf32, the user's choice) CUDA
+    fp32 matmuls use it (`tf32_matmuls`)."""
+    low = a.device.type == "cuda" and g.dtype in LOW_PRECISION
+    a, g = (a.to(g.dtype), g) if low else (a.float(), g.float())
     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if t * (d_in + d_out) < d_in * d_out:
-        aa = torch.bmm(a, a.transpose(1, 2))
+    if gram_is_cheaper(t, d_in, d_out, len(blocks), _balance(a.device, low)):
+        aa = _bmm_fp32(a, a.transpose(1, 2))
         grams = (g if b is None else g[..., b] for b in blocks)
-        return torch.stack([(aa * torch.bmm(gb, gb.transpose(1, 2))).sum(dim=(1, 2)) for gb in grams], dim=1)
-    squares = torch.bmm(g.transpose(1, 2), a).square()  # (B, d_out, d_in)
+        return torch.stack([(aa * _bmm_fp32(gb, gb.transpose(1, 2))).sum(dim=(1, 2)) for gb in grams], dim=1)
+    squares = _bmm_fp32(g.transpose(1, 2), a).square()  # (B, d_out, d_in)
     return torch.stack([(squares if b is None else squares[:, b]).sum(dim=(1, 2)) for b in blocks], dim=1)
 
 

@@ -103,11 +103,18 @@ def provenance(config, ingest: dict, cache: dict, timings: dict) -> dict:
 
 
 def versions() -> dict:
-    """Versions of the libraries whose behaviour the outputs depend on."""
-    import datasets
-    import polars
+    """Versions of the libraries whose behaviour the outputs depend on (None: not installed), read from
+    the installed distributions' metadata so that none is imported for it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
     import torch
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "pyarrow": pa.__version__, "datasets": datasets.__version__, "polars": polars.__version__}
+            "pyarrow": pa.__version__, "datasets": installed("datasets"), "polars": installed("polars")}

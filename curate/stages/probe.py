@@ -24,7 +24,8 @@ from curate.stages.configs import resolved_dtype
 
 # Bumped when the architecture map changes what an entry measures: older probe shards are recomputed.
 ROLE_MAP_VERSION = 2
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# autocast dtype of each --dtype; tf32 keeps fp32 tensors and lets CUDA matmuls use TF32
+DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Probe(Stage):
@@ -61,7 +62,8 @@ class Probe(Stage):
         device = models.resolve_device(c.device)
         model = models.load_model(models.resolve(c.model, c.trust_remote_code), device)
         rmap = self.role_map(model)
-        autocast = DTYPES[resolved_dtype(c.dtype)]
+        dtype = resolved_dtype(c.dtype)
+        autocast = DTYPES[dtype]
         ids = shard.column("input_ids").to_pylist()
         masks = shard.column("loss_mask").to_pylist()
         valid = [i for i, err in enumerate(shard.column("token_error").to_pylist()) if err is None]
@@ -72,7 +74,8 @@ class Probe(Stage):
         for batch in token_batches([len(ids[i]) for i in valid], c.batch_tokens):
             rows = [valid[b] for b in batch]
             input_ids, attention, loss_mask = right_pad([ids[r] for r in rows], [masks[r] for r in rows], device)
-            res = gradients.probe_batch(model, rmap, input_ids, attention, loss_mask, autocast)
+            with gradients.tf32_matmuls(dtype == "tf32"):
+                res = gradients.probe_batch(model, rmap, input_ids, attention, loss_mask, autocast)
             loss[rows] = res.loss.cpu().numpy()
             sq[rows] = res.sq_norms.double().cpu().numpy()
             n_tok += int(attention.sum())

@@ -1,0 +1,52 @@
+"""benchmarks/gpu_check.py on CPU (tiny shapes): the device check runs end to end in CI, so it cannot rot
+before a GPU runs it; its numbers here are checked like the GPU's."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.gpu_check import SECTIONS, main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_run_prints_one_json_object_with_every_section(tmp_path, capsys):
+    assert main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == printed
+    s = printed["sections"]
+    assert set(s) == set(SECTIONS)
+    assert not [k for k, v in s.items() if "error" in v or "skipped" in v]
+
+    assert s["ceilings"]["matmul_tflops"] > 0 and s["ceilings"]["copy_gb_per_s"] > 0
+    # the norm step on fp32 CPU inputs agrees with fp64; both forms were timed for every case
+    assert s["norm_step"]["max_rel_err"]["norms_vs_fp64_same_inputs"] < 1e-5
+    assert all(r["ms_gram"] > 0 and r["ms_product"] > 0 for r in s["norm_step"]["forms"])
+    for model in s["exactness"]["models"].values():
+        assert model["probe_fp32_vs_naive_fp32"] < 1e-5
+        assert 0 < model["probe_bf16_vs_naive_fp32"] < 2e-2
+    (case,) = [v for k, v in s["speed"].items() if "@T=" in k]
+    assert {"train_step", "probe", "naive", "opacus"} <= set(case["methods"])
+    assert case["methods"]["probe"]["tokens_per_s"] > 0
+    assert s["small_t"]["methods"]["probe"]["tokens_per_s"] > 0
+    # curate prism really ran on the random-weight model, in process and on a one-worker dask cluster
+    runs = s["end_to_end"]
+    for key in ("workers_0", "workers_1"):
+        assert runs[key]["rc"] == 0, runs[key]
+        assert runs[key]["rows"]["input"] == 16 and runs[key]["rows"]["sft"] + runs[key]["rows"]["rl"] == 16
+    assert runs["workers_0"]["routed_sha256"] == runs["workers_1"]["routed_sha256"]
+    assert printed["summary"]
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

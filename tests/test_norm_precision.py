@@ -1,0 +1,61 @@
+"""The norm step's precision and form choice (curate.gradients): what runs on CPU here, and the rules the
+CUDA path follows (benchmarks/gpu_check.py measures it on a GPU)."""
+
+import itertools
+
+import pytest
+import torch
+
+from curate import gradients
+from curate.gradients import gram_is_cheaper, per_example_block_sq_norms, tf32_enabled, tf32_matmuls
+
+
+def test_cpu_form_choice_is_the_multiply_add_count():
+    # balance 0 (CPU): Gram iff T·(d_in + d_out) < d_in·d_out, the rule outputs were always computed by
+    for t, d_in, d_out in itertools.product((1, 7, 64, 300, 1024, 4096), (16, 576, 1536), (64, 256, 8960)):
+        assert gram_is_cheaper(t, d_in, d_out, 1, 0.0) == (t * (d_in + d_out) < d_in * d_out)
+
+
+def test_memory_traffic_moves_the_choice_towards_the_form_that_writes_less():
+    # T=1024, 1536 -> 8960: fewer FLOPs in the Gram form; and it writes 2 T² floats, not d_in·d_out
+    assert gram_is_cheaper(1024, 1536, 8960, 1, 0.0) and gram_is_cheaper(1024, 1536, 8960, 1, 180.0)
+    # T=2048, 1536 -> 256 (a GQA k/v projection): the product form at any balance
+    assert not gram_is_cheaper(2048, 1536, 256, 1, 0.0) and not gram_is_cheaper(2048, 1536, 256, 1, 180.0)
+    # near the FLOP break-even, bytes decide: the product's d_in·d_out fp32 squares cost more than T² Grams
+    t = 1536 * 8960 // (1536 + 8960) - 10  # Gram slightly fewer FLOPs
+    assert gram_is_cheaper(t, 1536, 8960, 1, 180.0)
+    t2 = 1536 * 8960 // (1536 + 8960) + 40  # Gram slightly more FLOPs, but far fewer bytes
+    assert not gram_is_cheaper(t2, 1536, 8960, 1, 0.0) and gram_is_cheaper(t2, 1536, 8960, 1, 180.0)
+
+
+def test_cpu_keeps_fp32_for_low_precision_gradients():
+    # under autocast on CPU the output gradient is bf16; the norms are the fp32 norms of the same values
+    gen = torch.Generator().manual_seed(0)
+    for t in (3, 200):  # both forms
+        a = torch.randn(2, t, 16, generator=gen)
+        g = torch.randn(2, t, 24, generator=gen).bfloat16()
+        got = per_example_block_sq_norms(a, g, [None, slice(0, 8)])
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, per_example_block_sq_norms(a, g.float(), [None, slice(0, 8)]), rtol=0, atol=0)
+
+
+def test_low_precision_bmm_falls_back_to_an_upcast_where_out_dtype_is_missing():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 8, 16, generator=gen).bfloat16(), torch.randn(2, 16, 4, generator=gen).bfloat16()
+    out = gradients._bmm_fp32(x, y)
+    assert out.dtype == torch.float32
+    ref = torch.bmm(x.double(), y.double())
+    assert float(((out.double() - ref).abs() / ref.abs().clamp(min=1e-3)).max()) < 2e-2  # rounded to bf16
+    fp32 = gradients._bmm_fp32(x.float(), y.float())
+    torch.testing.assert_close(fp32, torch.bmm(x.float(), y.float()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_tf32_switch_is_scoped(before):
+    with tf32_matmuls(before):
+        with tf32_matmuls(True):
+            assert tf32_enabled()
+        assert tf32_enabled() == before
+        with tf32_matmuls(False):
+            assert not tf32_enabled()
+        assert tf32_enabled() == before
