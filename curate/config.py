@@ -124,7 +124,7 @@ class RunOptions:
     work: str | None = opt(None, "cache folder for stage shards (default: OUT/.work)")
     format: str = opt("auto", "input format, detected per record by default", choices=FORMAT_CHOICES)
     limit: int | None = opt(None, "use only the first N unique records")
-    workers: int | None = opt(None, "run shards on a local dask cluster of N processes")
+    workers: int | None = opt(None, "run shards on a local dask cluster of N processes (CUDA: one per GPU, pinned)")
     scheduler: str | None = opt(None, "run shards on an existing dask cluster (tcp://host:8786)")
     force: bool = opt(False, "recompute every stage, ignoring the cache")
     skip_bad_files: bool = opt(False, "skip input files that cannot be read (listed in the manifest) instead of failing")

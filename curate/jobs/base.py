@@ -105,7 +105,7 @@ class Job:
         cfg, work = self.cfg, self.cfg.work_dir
         cuda = models.resolve_device(cfg.device) == "cuda"
         steps = self.stages() + [(stage, INGEST) for stage in self.signals()]
-        executor = make_executor(cfg.workers, cfg.scheduler)
+        executor = make_executor(cfg.workers, cfg.scheduler, cuda)
         try:
             timings, cache = {}, {}
             with timed(timings, INGEST):

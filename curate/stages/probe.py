@@ -69,6 +69,7 @@ class Probe(Stage):
         valid = [i for i, err in enumerate(shard.column("token_error").to_pylist()) if err is None]
         loss = np.full(len(ids), np.nan, dtype=np.float32)
         sq = np.full((len(ids), len(rmap.entries)), np.nan, dtype=np.float64)
+        gradients.plain_head(model)  # its one-time logits comparison in full fp32, never under tf32 below
         bar = tqdm(total=len(valid), desc="probe", unit="ex", leave=False)
         start, n_tok = time.perf_counter(), 0
         for batch in token_batches([len(ids[i]) for i in valid], c.batch_tokens):
