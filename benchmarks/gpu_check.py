@@ -18,8 +18,11 @@ Sections, in order; each is skipped (with the reason) when the time budget left 
   speed         benchmarks/probe_bench.py's methods (train_step, probe, naive, opacus) under bf16 autocast
                 at T = 1024 and 4096: tokens/s, peak memory, ratios.
   small_t       the same at T = 128 on the smallest shape: per-module overhead.
+  profile       one 1.5B-shape batch: the probe, the probe without deterministic algorithms, the same
+                forward/backward without hooks, a training step, and the probe's top kernels.
   end_to_end    `curate prism --device cuda --dtype bf16` on data/demo_quick with a random-weight model
-                of the smallest shape (and once more with --workers 1 when dask is installed).
+                of the smallest shape, twice in process and once with --workers 1 (when dask is
+                installed), comparing the routed bytes.
 
 --device cpu runs the same code on tiny shapes (tests/test_gpu_check.py runs it in CI)."""
 
@@ -60,7 +63,7 @@ SHAPES = {
 # --device cpu: the same families, tiny
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
-SECTIONS = ("ceilings", "norm_step", "exactness", "speed", "small_t", "end_to_end")
+SECTIONS = ("ceilings", "norm_step", "exactness", "speed", "small_t", "end_to_end", "profile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -193,7 +196,7 @@ def bench_args(**kw) -> argparse.Namespace:
 
 def exactness(args) -> dict:
     dev = args.device
-    names = ("smollm2-135m", "qwen2.5-1.5b", "llama-3.1-8b") if dev == "cuda" else ("smollm2-135m", "qwen2.5-1.5b")
+    names = ("smollm2-135m", "qwen2.5-1.5b")  # the 8B shape's speed cases report its bf16 error
     t = 512 if dev == "cuda" else 48
     out = {}
     for name in names:
@@ -235,12 +238,13 @@ def speed_case(name: str, t: int, args, skip: list[str], examples: int | None = 
 def speed(args, deadline: float) -> dict:
     dev = args.device
     try:
-        import opacus  # noqa: F401
+        import opacus  # noqa: F401  (only whether it is installed)
         has_opacus = True
     except ImportError:
         has_opacus = False
-    cases = [("qwen2.5-1.5b", 1024), ("qwen2.5-1.5b", 4096), ("smollm2-135m", 1024), ("smollm2-135m", 4096),
-             ("llama-3.1-8b", 1024), ("llama-3.1-8b", 4096)] if dev == "cuda" else [("qwen2.5-1.5b", 64)]
+    # the 1.5B shape first: the targets are stated for it
+    cases = [("qwen2.5-1.5b", 1024), ("qwen2.5-1.5b", 4096), ("smollm2-135m", 1024), ("llama-3.1-8b", 1024),
+             ("smollm2-135m", 4096), ("llama-3.1-8b", 4096)] if dev == "cuda" else [("qwen2.5-1.5b", 64)]
     out = {}
     for name, t in cases:
         key = f"{name}@T={t}"
@@ -249,6 +253,8 @@ def speed(args, deadline: float) -> dict:
             continue
         # Opacus holds every example's full gradient: B x 8B fp32 does not fit beside the 8B model
         skip = [] if has_opacus and name != "llama-3.1-8b" else ["opacus"]
+        if name == "llama-3.1-8b" and t > 1024:  # fp32 naive activations of 4096 tokens beside 64 GB: out of memory
+            skip.append("naive")
         log(f"speed {key}")
         started = time.monotonic()
         try:
@@ -258,6 +264,66 @@ def speed(args, deadline: float) -> dict:
             free(dev)
         out[key]["wall_s"] = round(time.monotonic() - started, 1)
     return out
+
+
+def profile(args) -> dict:
+    """Where the probe's time goes, on one batch of the 1.5B shape at T = 1024 (tiny on CPU): the probe,
+    the probe without deterministic algorithms, the same forward and backward with no hooks (weights
+    frozen, only the input embeddings needing grad: the probe minus its norm step) and a training step,
+    each timed alone; then the probe's top kernels by device time under torch.profiler."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from benchmarks._bench_utils import make_examples, pack
+    from curate.roles import role_map
+
+    dev = args.device
+    t = 1024 if dev == "cuda" else 32
+    model = build("qwen2.5-1.5b", dev)
+    rmap = role_map(model)
+    n = max(1, 8192 // t) if dev == "cuda" else 2
+    (batch,) = pack(make_examples(n, t, model.config.vocab_size, False, 0), list(range(n)), n * t, dev)
+    amp = torch.bfloat16
+
+    def probe():
+        gradients.probe_batch(model, rmap, batch.input_ids, batch.attention, batch.loss_mask, amp)
+
+    def probe_nondeterministic():
+        real = gradients.deterministic
+        gradients.deterministic = lambda device: contextlib.nullcontext()
+        try:
+            probe()
+        finally:
+            gradients.deterministic = real
+
+    def frozen_backward():
+        embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
+        with torch.autocast(dev, dtype=amp):
+            loss = gradients.token_nll(model, batch.input_ids, batch.attention, batch.loss_mask, inputs_embeds=embeds)
+        loss.sum().backward()
+
+    def train():
+        probe_bench.train_step(model, [batch], lambda: torch.autocast(dev, dtype=amp))
+
+    ms = {name: cuda_ms(fn, reps=5) for name, fn in (("probe", probe), ("probe_nondeterministic", probe_nondeterministic),
+                                                     ("frozen_backward", frozen_backward), ("train_step", train))}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        probe()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    key = "device_time_total" if dev == "cuda" else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0) or 0, reverse=True)
+    top = [{"name": e.key[:90], "calls": e.count, "ms": round((getattr(e, key, 0) or 0) / 1e3, 3)}
+           for e in events[:20]]
+    launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    del model
+    free(dev)
+    return {"shape": "qwen2.5-1.5b", "T": t, "B": n, "tokens": n * t, "ms": {k: round(v, 3) for k, v in ms.items()},
+            "probe_minus_frozen_backward_ms": round(ms["probe"] - ms["frozen_backward"], 3),
+            "kernel_launches": launches, "top_ops_by_device_time": top}
 
 
 def small_t(args) -> dict:
@@ -296,9 +362,9 @@ def end_to_end(args, deadline: float) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = _model_folder(args, Path(tmp))
-        runs = {"workers_0": []}
+        runs = {"workers_0": [], "workers_0_again": []}  # the same run twice: are CUDA outputs reproducible?
         try:
-            import distributed  # noqa: F401
+            import distributed  # noqa: F401  (only whether it is installed)
             runs["workers_1"] = ["--workers", "1"]
         except ImportError:
             out["workers_1"] = {"skipped": "dask.distributed is not installed"}
@@ -329,6 +395,11 @@ def end_to_end(args, deadline: float) -> dict:
             else:
                 res["output_tail"] = tail
             out[key] = res
+    digests = {k: v.get("routed_sha256") for k, v in out.items() if isinstance(v, dict)}
+    if digests.get("workers_0"):
+        out["same_bytes_on_rerun"] = digests["workers_0"] == digests.get("workers_0_again")
+        out["same_bytes_on_a_worker"] = digests["workers_0"] == digests.get("workers_1") if "workers_1" in digests \
+            else None
     return out
 
 
@@ -341,9 +412,9 @@ def run(args) -> dict:
                                            if args.device == "cuda" else None)
     plan = {"ceilings": lambda: ceilings(args), "norm_step": lambda: norm_step(args),
             "exactness": lambda: exactness(args), "end_to_end": lambda: end_to_end(args, deadline),
-            "speed": lambda: speed(args, deadline), "small_t": lambda: small_t(args)}
+            "speed": lambda: speed(args, deadline), "small_t": lambda: small_t(args), "profile": lambda: profile(args)}
     # the cheap, decisive sections first; the 8B speed cases last inside `speed`
-    order = ("ceilings", "norm_step", "exactness", "end_to_end", "speed", "small_t")
+    order = ("ceilings", "norm_step", "exactness", "small_t", "end_to_end", "profile", "speed")
     for name in order:
         if name not in args.sections:
             continue

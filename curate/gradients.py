@@ -307,6 +307,24 @@ def _eager_experts(model: nn.Module, rmap: RoleMap):
             model.set_experts_implementation(before)
 
 
+@contextmanager
+def deterministic(device: torch.device):
+    """On CUDA, torch's deterministic algorithms inside the block (warn_only: an op with no deterministic
+    kernel warns rather than fails), the previous setting restored after it; nothing elsewhere. Kernels
+    that add with atomics (attention's backward among them) otherwise sum in no fixed order, and the same
+    example's norms would differ in their last bits between runs. cuBLAS also needs
+    CUBLAS_WORKSPACE_CONFIG before its first call (curate.models.load_model sets it)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 # Config keys by which a model post-processes its head's output (Gemma-2/3's final softcap, Granite's
 # logits_scaling, Cohere's logit_scale, Falcon-H1's lm_head_multiplier): such a model always takes the
 # path through its own forward, even where the numeric check below cannot see the difference.
@@ -372,9 +390,14 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
               loss_mask: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example mean NLL over target positions (see target_logps)."""
     rows, logp = target_logps(model, input_ids, attention_mask, loss_mask, inputs_embeds)
-    counts = loss_mask[:, 1:].sum(dim=1)
-    per_example = torch.zeros(input_ids.shape[0], device=logp.device).index_add_(0, rows, -logp)
-    return per_example / counts.clamp(min=1)
+    targets = loss_mask[:, 1:].bool()
+    counts = targets.sum(dim=1)
+    # laid out (B, T-1) and summed per row, not index_add_: CUDA's index_add_ adds with atomics, in no
+    # fixed order, so the loss would change in its last bits from run to run (target_logps' order is
+    # row-major, as boolean indexing assigns)
+    nll = torch.zeros(targets.shape, device=logp.device, dtype=logp.dtype)
+    nll[targets.to(logp.device)] = -logp
+    return nll.sum(dim=1) / counts.to(logp.device).clamp(min=1)
 
 
 def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
@@ -400,8 +423,10 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
     sq = torch.zeros(input_ids.shape[0], len(rmap.entries), device=input_ids.device, dtype=torch.float32)
     plain_head(model)  # its one-time check runs a forward: not under the hooks below
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    with _eager_experts(model, rmap), _capture(rmap, sq, input_ids.shape[1]) as cap, torch.autocast(
-            input_ids.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    amp = torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.float32,
+                         enabled=autocast_dtype is not None)
+    capture = _capture(rmap, sq, input_ids.shape[1])
+    with deterministic(input_ids.device), _eager_experts(model, rmap), capture as cap, amp:
         loss = token_nll(model, input_ids, attention_mask, loss_mask, inputs_embeds=embeds)
         loss.sum().backward()  # Σ_i ℓ_i: each example's gradient is its own
     cap.check()

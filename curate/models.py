@@ -294,6 +294,9 @@ def load_model(ref: ModelRef, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if str(device).startswith("cuda"):
+        # reproducible cuBLAS results need this before cuBLAS's first call (see gradients.deterministic)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device_map = plan_device_map(ref, device)
     with load_errors(ref, "model"):
         model = AutoModelForCausalLM.from_pretrained(

@@ -38,10 +38,12 @@ def test_cpu_run_prints_one_json_object_with_every_section(tmp_path, capsys):
     assert s["small_t"]["methods"]["probe"]["tokens_per_s"] > 0
     # curate prism really ran on the random-weight model, in process and on a one-worker dask cluster
     runs = s["end_to_end"]
-    for key in ("workers_0", "workers_1"):
+    for key in ("workers_0", "workers_0_again", "workers_1"):
         assert runs[key]["rc"] == 0, runs[key]
         assert runs[key]["rows"]["input"] == 16 and runs[key]["rows"]["sft"] + runs[key]["rows"]["rl"] == 16
-    assert runs["workers_0"]["routed_sha256"] == runs["workers_1"]["routed_sha256"]
+    assert runs["same_bytes_on_rerun"] and runs["same_bytes_on_a_worker"]  # CPU: bitwise reproducible
+    p = s["profile"]
+    assert p["ms"]["probe"] > 0 and p["ms"]["frozen_backward"] > 0 and p["top_ops_by_device_time"]
     assert printed["summary"]
 
 

@@ -59,3 +59,29 @@ def test_tf32_switch_is_scoped(before):
         with tf32_matmuls(False):
             assert not tf32_enabled()
         assert tf32_enabled() == before
+
+
+def test_deterministic_algorithms_only_inside_the_block_and_only_on_cuda():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    with gradients.deterministic(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled() == before[0]
+    with gradients.deterministic(torch.device("cuda")):  # only flags: no GPU is touched
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before
+
+
+def test_per_example_loss_is_the_mean_over_its_own_targets(tiny_model):
+    # the loss sum without atomics: each row's mean NLL, compared with a per-example loop
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 256, (3, 12), generator=gen)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    mask[0, 4:] = 1
+    mask[1, 2:7] = 1
+    mask[2, 10:] = 1
+    nll = gradients.token_nll(tiny_model, ids, torch.ones_like(ids), mask)
+    for i in range(3):
+        logits = tiny_model(input_ids=ids[i:i + 1]).logits[0, :-1]
+        target = mask[i, 1:].bool()
+        ref = torch.nn.functional.cross_entropy(logits[target], ids[i, 1:][target])
+        torch.testing.assert_close(nll[i], ref, rtol=1e-5, atol=0)
