@@ -29,6 +29,7 @@ Sections, in order; each is skipped (with the reason) when the time budget left 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -237,11 +238,7 @@ def speed_case(name: str, t: int, args, skip: list[str], examples: int | None = 
 
 def speed(args, deadline: float) -> dict:
     dev = args.device
-    try:
-        import opacus  # noqa: F401  (only whether it is installed)
-        has_opacus = True
-    except ImportError:
-        has_opacus = False
+    has_opacus = importlib.util.find_spec("opacus") is not None
     # the 1.5B shape first: the targets are stated for it
     cases = [("qwen2.5-1.5b", 1024), ("qwen2.5-1.5b", 4096), ("smollm2-135m", 1024), ("llama-3.1-8b", 1024),
              ("smollm2-135m", 4096), ("llama-3.1-8b", 4096)] if dev == "cuda" else [("qwen2.5-1.5b", 64)]
@@ -271,6 +268,16 @@ def profile(args) -> dict:
     the probe without deterministic algorithms, the same forward and backward with no hooks (weights
     frozen, only the input embeddings needing grad: the probe minus its norm step) and a training step,
     each timed alone; then the probe's top kernels by device time under torch.profiler."""
+    dev = args.device
+    model = build("qwen2.5-1.5b", dev)
+    try:
+        return _profile(model, dev)
+    finally:
+        del model
+        free(dev)
+
+
+def _profile(model, dev: str) -> dict:
     import contextlib
 
     from torch.profiler import ProfilerActivity
@@ -279,9 +286,7 @@ def profile(args) -> dict:
     from benchmarks._bench_utils import make_examples, pack
     from curate.roles import role_map
 
-    dev = args.device
     t = 1024 if dev == "cuda" else 32
-    model = build("qwen2.5-1.5b", dev)
     rmap = role_map(model)
     n = max(1, 8192 // t) if dev == "cuda" else 2
     (batch,) = pack(make_examples(n, t, model.config.vocab_size, False, 0), list(range(n)), n * t, dev)
@@ -319,8 +324,6 @@ def profile(args) -> dict:
     top = [{"name": e.key[:90], "calls": e.count, "ms": round((getattr(e, key, 0) or 0) / 1e3, 3)}
            for e in events[:20]]
     launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
-    del model
-    free(dev)
     return {"shape": "qwen2.5-1.5b", "T": t, "B": n, "tokens": n * t, "ms": {k: round(v, 3) for k, v in ms.items()},
             "probe_minus_frozen_backward_ms": round(ms["probe"] - ms["frozen_backward"], 3),
             "kernel_launches": launches, "top_ops_by_device_time": top}
@@ -363,10 +366,9 @@ def end_to_end(args, deadline: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = _model_folder(args, Path(tmp))
         runs = {"workers_0": [], "workers_0_again": []}  # the same run twice: are CUDA outputs reproducible?
-        try:
-            import distributed  # noqa: F401  (only whether it is installed)
+        if importlib.util.find_spec("distributed") is not None:
             runs["workers_1"] = ["--workers", "1"]
-        except ImportError:
+        else:
             out["workers_1"] = {"skipped": "dask.distributed is not installed"}
         for key, extra in runs.items():
             left = deadline - time.monotonic()
