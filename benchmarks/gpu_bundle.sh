@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What benchmarks/gpu_check.py needs on a GPU machine that has torch, transformers, pyarrow and numpy but
 # no network: curate's other run-time wheels (for Python 3.12, x86-64) and the embedded model's tokenizer
-# with its chat template. Writes .gpu_bundle/ (git-ignored; about 10 MiB), used by gpu_check.sh.
+# with its chat template. Writes .gpu_bundle/ (git-ignored; about 7 MiB), used by gpu_check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -454,10 +455,25 @@ def summary(result: dict) -> dict:
     return out
 
 
+def finite(obj):
+    """obj with every NaN or infinite float as None: strict JSON (no bare NaN tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(result: dict) -> str:
+    return json.dumps(finite(result), indent=1, default=str, allow_nan=False)
+
+
 def write(result: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "gpu_check.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.write_text(dumps(result))
     tmp.replace(folder / "gpu_check.json")
 
 
@@ -469,7 +485,7 @@ def main(argv=None) -> int:
     result = run(args)
     if args.out:
         write(result, Path(args.out))
-    print(json.dumps(result, indent=1, default=str))
+    print(dumps(result))
     return 0
 
 

@@ -87,21 +87,33 @@ def gram_is_cheaper(t: int, d_in: int, d_out: int, blocks: int, balance: float) 
     return gram < product
 
 
-_OUT_DTYPE_BMM: dict[str, bool] = {}
+_OUT_DTYPE_BMM: dict[tuple, bool] = {}
+
+
+def _out_dtype_bmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has bmm(..., out_dtype=float32) for `dtype` inputs on `device` (CUDA, torch 2.8+),
+    tried once on a 1×1×1 product: a failure of the real call (out of memory, say) is never taken for
+    a missing kernel."""
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_BMM:
+        one = torch.ones(1, 1, 1, device=device, dtype=dtype)
+        try:
+            _OUT_DTYPE_BMM[key] = torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_BMM[key] = False
+    return _OUT_DTYPE_BMM[key]
 
 
 def _bmm_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x @ y as fp32. bf16/fp16 inputs stay low precision (tensor cores) with fp32 accumulation and an fp32
-    result (torch's bmm out_dtype, CUDA); where that is missing, the low-precision result is upcast, which
-    rounds each entry to the input precision before it is squared."""
+    result (torch's bmm out_dtype). Where torch lacks it, the inputs are upcast: the same exact products of
+    the low-precision values, accumulated in fp32, only slower (a low-precision result would be rounded,
+    and an fp16 Gram entry overflows past 65504)."""
     if x.dtype not in LOW_PRECISION:
         return torch.bmm(x, y)
-    if _OUT_DTYPE_BMM.get(x.device.type, True):
-        try:
-            return torch.bmm(x, y, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_BMM[x.device.type] = False
-    return torch.bmm(x, y).float()
+    if _out_dtype_bmm(x.device, x.dtype):
+        return torch.bmm(x, y, out_dtype=torch.float32)
+    return torch.bmm(x.float(), y.float())
 
 
 def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Rows]) -> torch.Tensor:

@@ -187,6 +187,10 @@ def skeleton(ref: ModelRef):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=ref.trust_remote_code)
 
 
+# Set (to "1") in a process that runs a dask GPU task: it owns its current GPU only, whatever else its
+# CUDA_VISIBLE_DEVICES lists (dask-cuda lists the other workers' GPUs after its own)
+SINGLE_GPU = "CURATE_SINGLE_GPU"
+
 # Memory the probe keeps free on each GPU beyond the weights: its activations (each probed layer's input
 # until backward, and the attention/MLP tensors autograd saves: ~1.7 MB a token for SmolLM2, growing with
 # width and depth, times batch_tokens), the target tokens' logits, the CUDA context and fragmentation. A
@@ -255,8 +259,10 @@ def plan_device_map(ref: ModelRef, device: str) -> dict | None:
     """Where load_model puts the model: None for the whole model on `device`, else a device map across the
     visible GPUs. Only `device="cuda"` is planned (cpu, or an explicit cuda:N, is taken as asked):
       - the fp32 weights plus headroom(free) fit the current GPU's free memory: that GPU;
+      - else another GPU that holds them alone (the one with most free memory) becomes the current one;
       - else, with two or more GPUs, a balanced map over all of them, each holding at most its free memory
         less its headroom (`split_device_map`);
+    In a dask GPU task (SINGLE_GPU set) only the current GPU is considered: no move, no split.
       - else the weights alone still fit the current GPU: that GPU, with a warning (activations may not);
       - else ModelError naming the sizes, instead of a CUDA out-of-memory error halfway through loading."""
     if device != "cuda":
@@ -268,7 +274,17 @@ def plan_device_map(ref: ModelRef, device: str) -> dict | None:
     free_here = torch.cuda.mem_get_info(here)[0]  # the other GPUs are only touched (a CUDA context each) if needed
     if need + headroom(free_here) <= free_here:
         return None
-    free = gpu_free_memory()
+    if os.environ.get(SINGLE_GPU) == "1":  # a dask GPU worker: the other GPUs it may see are other workers'
+        free = [free_here if i == here else 0 for i in range(torch.cuda.device_count())]
+    else:
+        free = gpu_free_memory()
+        roomy = [i for i, f in enumerate(free) if need + headroom(f) <= f]
+        if roomy:  # another GPU holds it alone: it becomes this process's "cuda" (inputs follow the model)
+            best = max(roomy, key=lambda i: free[i])
+            log.info(f"{ref.name}: GPU {here} has {free_here / _GIB:.1f} GiB free, too little; using GPU {best} "
+                     f"({free[best] / _GIB:.1f} GiB free)")
+            torch.cuda.set_device(best)
+            return None
     device_map = split_device_map(skel, {i: f - headroom(f) for i, f in enumerate(free)})
     if device_map is not None:
         return device_map

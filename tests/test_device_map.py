@@ -270,3 +270,24 @@ def test_layers_on_the_gpu_and_the_cpu_give_the_single_device_probe(tmp_path, fa
     examples = make_examples(4)
     assert_same_probe(split, whole, examples, device="cuda", rtol=1e-4)  # CUDA's fp32 matmuls vs the CPU's
     assert_autograd(whole, split, examples[:2], device="cuda")
+
+
+def test_another_gpu_that_holds_the_model_alone_becomes_the_current_one(llama8b, gpus, monkeypatch, caplog):
+    gpus(3, [1.5, 60, 100])  # GPU 0 is busy; 1 and 2 hold it alone: the roomiest, not a split
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv(models.SINGLE_GPU, raising=False)
+    with caplog.at_level(logging.INFO, logger="curate.models"):
+        assert models.plan_device_map(llama8b, "cuda") is None
+    assert chosen == [2] and "using GPU 2" in caplog.text
+
+
+def test_a_dask_gpu_task_never_leaves_its_own_gpu(llama8b, gpus, monkeypatch):
+    # dask-cuda shows a worker the other workers' GPUs after its own: neither a move nor a split onto them
+    monkeypatch.setenv(models.SINGLE_GPU, "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("moved to another worker's GPU"))
+    gpus(2, [36, 80])  # alone, GPU 1 would be chosen; in a worker, GPU 0 keeps it (with the warning)
+    assert models.plan_device_map(llama8b, "cuda") is None
+    gpus(2, [20, 80])  # too small for the weights alone: an error, not a split
+    with pytest.raises(models.ModelError, match=r"29\.9 GiB in fp32"):
+        models.plan_device_map(llama8b, "cuda")

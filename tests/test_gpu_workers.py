@@ -28,6 +28,10 @@ def visible_devices(_=None) -> str | None:
     return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+def single_gpu_flag(_) -> str | None:
+    return os.environ.get("CURATE_SINGLE_GPU")
+
+
 def task_resources(_) -> dict:
     from distributed import get_worker
 
@@ -92,6 +96,7 @@ def test_one_worker_per_gpu(gpus, caplog):
                   for addr in client.scheduler_info()["workers"]}
         gpu_tasks = executor.map(task_resources, range(6), gpu=True)
         other_tasks = executor.map(task_resources, range(4), gpu=False)
+        flags = executor.map(single_gpu_flag, range(4), gpu=True)  # a GPU task owns its GPU alone
     finally:
         executor.close()
     assert {name: r["devices"] for name, r in report.items()} == {"gpu-0": "0", "gpu-1": "1"}
@@ -101,6 +106,7 @@ def test_one_worker_per_gpu(gpus, caplog):
         assert r["nthreads"] == 1 and r["resources"] == {"GPU": 1}
         assert r["threads"] == {k: threads for k in THREAD_VARS}  # the thread env DaskExecutor always passed
     assert gpu_tasks == [{"GPU": 1}] * 6 and other_tasks == [{}] * 4
+    assert flags == ["1"] * 4
     assert "dask worker gpu-0: CUDA_VISIBLE_DEVICES=0" in caplog.text
     assert "dask worker gpu-1: CUDA_VISIBLE_DEVICES=1" in caplog.text
 
@@ -199,3 +205,19 @@ def test_dask_cuda_workers_keep_the_thread_env(gpus, monkeypatch):
     assert report["devices"] == "0,1" and report["resources"] == {"GPU": 1} and report["nthreads"] == 1
     assert report["threads"] == {k: str(torch.get_num_threads()) for k in THREAD_VARS}
     assert tasks == [{"GPU": 1}] * 2
+
+
+@pytest.mark.parametrize("gpu_workers", [False, True])
+def test_an_existing_cluster_gets_gpu_tasks_only_if_a_worker_declares_gpu(gpu_workers):
+    # a head node may have no GPU; a GPU=1 request on a cluster with no such worker would wait forever
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                      resources={"GPU": 1} if gpu_workers else None) as cluster:
+        executor = make_executor(None, cluster.scheduler_address)
+        try:
+            assert executor.gpu_workers is gpu_workers
+            got = executor.map(task_resources, range(2), gpu=True)
+        finally:
+            executor.close()
+    assert got == ([{"GPU": 1}] * 2 if gpu_workers else [{}] * 2)

@@ -5,6 +5,7 @@ order, so the output never depends on the executor."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -66,8 +67,9 @@ class DaskExecutor:
 
                 worker_devices(self.client)
         self.remote = scheduler is not None
-        # where workers declare GPU=1: a local GPU cluster, or (by the docs' recipe) an existing cluster
-        self.gpu_workers = self.remote or cuda
+        # where workers declare GPU=1: a local GPU cluster, or an existing cluster with such workers (on one
+        # without, a task asking for GPU=1 would wait forever)
+        self.gpu_workers = cuda or (self.remote and declares_gpu(self.client))
 
     def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False,
             cost: tuple[list[int], str] | None = None) -> list:
@@ -78,7 +80,8 @@ class DaskExecutor:
         from dask.distributed import as_completed
 
         resources = {"GPU": 1} if gpu and self.gpu_workers else None
-        futures = self.client.map(fn, list(items), pure=False, resources=resources)
+        task = partial(on_own_gpu, fn) if resources else fn
+        futures = self.client.map(task, list(items), pure=False, resources=resources)
         position = {f.key: k for k, f in enumerate(futures)}
         with stage_bar(items, desc, cost) as bar:
             for done in as_completed(futures):
@@ -90,6 +93,23 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def declares_gpu(client) -> bool:
+    """Whether any worker of `client`'s cluster declares the resource GPU."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any(w.get("resources", {}).get("GPU") for w in workers.values())
+
+
+def on_own_gpu(fn: Callable, item):
+    """fn(item) in a GPU task: the process marks that it owns its current GPU only (models.SINGLE_GPU), so a
+    model never spreads onto GPUs that other workers hold (dask-cuda lists them after the worker's own)."""
+    import os
+
+    from curate.models import SINGLE_GPU
+
+    os.environ[SINGLE_GPU] = "1"
+    return fn(item)
 
 
 def _torch_threads() -> int:

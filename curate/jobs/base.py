@@ -103,7 +103,9 @@ class Job:
         """Ingest, then every stage over every shard (cached results reused), on the configured executor.
         A stage that runs a model asks for a GPU worker when the job runs on CUDA."""
         cfg, work = self.cfg, self.cfg.work_dir
-        cuda = models.resolve_device(cfg.device) == "cuda"
+        # on an existing cluster the workers' devices count, not this machine's (a head node may have no GPU):
+        # model tasks ask for a GPU worker unless the job runs on CPU, if the cluster has such workers
+        cuda = cfg.device != "cpu" if cfg.scheduler else models.resolve_device(cfg.device) == "cuda"
         steps = self.stages() + [(stage, INGEST) for stage in self.signals()]
         executor = make_executor(cfg.workers, cfg.scheduler, cuda)
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curate import gradients, models
+from curate import models
 from curate.batching import right_pad, token_batches
 from curate.config import PrismConfig
 from curate.engine.executors import LocalExecutor
@@ -22,7 +22,7 @@ from curate.io import folders
 from curate.io.atomic import clean_stale_temps, read_arrow
 from curate.jobs.prism import PrismJob
 from curate.stages.configs import resolved_dtype
-from curate.stages.probe import DTYPES
+from curate.stages.probe import probe_at
 from curate.stages.tokenize import Tokenize
 
 
@@ -67,12 +67,12 @@ def _calibrate(cfg: PrismConfig, ids: list, masks: list, batches: list[list[int]
     from curate.stages.probe import Probe
 
     rmap = Probe(pcfg).role_map(model)
-    autocast = DTYPES[resolved_dtype(pcfg.dtype)]
+    dtype = resolved_dtype(pcfg.dtype)
 
     def probe(rows: list[int]) -> float:
         start = time.perf_counter()
         batch = right_pad([ids[r] for r in rows], [masks[r] for r in rows], device)
-        gradients.probe_batch(model, rmap, *batch, autocast)
+        probe_at(dtype, model, rmap, *batch)
         return time.perf_counter() - start
 
     probe([min(range(len(ids)), key=lambda i: len(ids[i]))])   # warm-up: allocations, kernels

@@ -29,7 +29,8 @@ class GenerationConfig:
 
     model: str | None = model_field()  # None: the embedded SmolLM2-135M-Instruct
     engine: str = keyed("auto", lambda c: resolve_engine(c))  # auto: vllm when importable and CUDA is present, else hf
-    device: str = keyed("auto", lambda c: models.resolve_device(c.device))
+    # auto is keyed as what it resolves to here; an explicit device as given (a head node need not have it)
+    device: str = keyed("auto", lambda c: models.resolve_device("auto") if c.device == "auto" else c.device)
     temperature: float = 1.0        # 0: greedy
     top_p: float = 1.0
     max_new_tokens: int = 512
@@ -47,13 +48,15 @@ class GenerationConfig:
 
 def resolve_engine(cfg: GenerationConfig) -> str:
     """The engine `cfg` runs on: hf or vllm as asked; auto is vllm when importable and the device resolves
-    to CUDA (ModelError for --device cuda without CUDA), else hf. ValueError for vllm when not installed."""
+    to CUDA (explicit cuda: as given; the workers may have it where this process has not), else hf.
+    ValueError for vllm when not installed."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     if cfg.engine == "vllm" and not has_vllm:
         raise ValueError("--engine vllm: vllm is not installed (pip install vllm, on a CUDA machine)")
     if cfg.engine != "auto":
         return cfg.engine
-    return "vllm" if has_vllm and models.resolve_device(cfg.device) == "cuda" else "hf"
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and models.resolve_device("auto") == "cuda")
+    return "vllm" if has_vllm and cuda else "hf"
 
 
 @dataclass

@@ -28,6 +28,13 @@ ROLE_MAP_VERSION = 2
 DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def probe_at(dtype: str, model, rmap: roles.RoleMap, input_ids, attention, loss_mask) -> gradients.ProbeResult:
+    """gradients.probe_batch at the resolved --dtype `dtype`: autocast for bf16/fp16, TF32 CUDA matmuls for
+    tf32, plain fp32 (TF32 off, whatever the process's setting) for fp32."""
+    with gradients.tf32_matmuls(dtype == "tf32"):
+        return gradients.probe_batch(model, rmap, input_ids, attention, loss_mask, DTYPES[dtype])
+
+
 class Probe(Stage):
     """PRISM's probe per shard: mean NLL per target token (nats), per-entry gradient norms (list<float32>,
     RoleMap order), their L2 total and the NORM_METRICS; null for rows with a token_error."""
@@ -63,7 +70,6 @@ class Probe(Stage):
         model = models.load_model(models.resolve(c.model, c.trust_remote_code), device)
         rmap = self.role_map(model)
         dtype = resolved_dtype(c.dtype)
-        autocast = DTYPES[dtype]
         ids = shard.column("input_ids").to_pylist()
         masks = shard.column("loss_mask").to_pylist()
         valid = [i for i, err in enumerate(shard.column("token_error").to_pylist()) if err is None]
@@ -75,8 +81,7 @@ class Probe(Stage):
         for batch in token_batches([len(ids[i]) for i in valid], c.batch_tokens):
             rows = [valid[b] for b in batch]
             input_ids, attention, loss_mask = right_pad([ids[r] for r in rows], [masks[r] for r in rows], device)
-            with gradients.tf32_matmuls(dtype == "tf32"):
-                res = gradients.probe_batch(model, rmap, input_ids, attention, loss_mask, autocast)
+            res = probe_at(dtype, model, rmap, input_ids, attention, loss_mask)
             loss[rows] = res.loss.cpu().numpy()
             sq[rows] = res.sq_norms.double().cpu().numpy()
             n_tok += int(attention.sum())
