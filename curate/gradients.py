@@ -195,6 +195,9 @@ class _Capture:
         a = a.detach()  # a view: no copy, shared by the layers that read this input
         version = a._version
         cols = [c for c, _ in site.blocks]
+        # a slice where the entries are consecutive (always, for the role maps curate builds): indexing with a
+        # list copies it to the GPU from host memory, which waits for every queued kernel, once per module
+        where = slice(cols[0], cols[-1] + 1) if cols == list(range(cols[0], cols[-1] + 1)) else cols
         blocks = [rows for _, rows in site.blocks]
 
         def grad_hook(grad):
@@ -210,7 +213,7 @@ class _Capture:
             else:
                 ex = torch.div(tokens.to(grad.device), t, rounding_mode="floor")
                 norms = per_example_block_sq_norms(_by_example(a, ex, b), _by_example(grad, ex, b), blocks)
-            self.sq[:, cols] += norms.to(self.sq.device)
+            self.sq[:, where] += norms.to(self.sq.device)
             for c in cols:
                 self.fired[c] = True
             a = None  # free this layer's activations as soon as its norms exist
