@@ -220,6 +220,17 @@ class SamplingOptions(RunOptions):
 
     generation = Section(GenerationConfig)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.scheduler and self.generates() and "auto" in (self.device, self.engine):
+            # both are keyed into the samples' cache: resolved here, they could name what the workers did not run
+            raise ValueError("--scheduler: give --device (cpu or cuda) and --engine (hf or vllm) explicitly; auto "
+                             "would be resolved on this machine, not on the workers that sample")
+
+    def generates(self) -> bool:
+        """Whether the job samples from a model (drift with a recorded reward does not)."""
+        return True
+
 
 @dataclass
 class DriftConfig(SamplingOptions):
@@ -249,6 +260,10 @@ class DriftConfig(SamplingOptions):
     rollout = Section(RolloutConfig)
     returns = Section(ReturnConfig)
     weights = Section(WeightsConfig)
+
+    def generates(self) -> bool:
+        """A recorded reward samples nothing."""
+        return self.verifier != "recorded"
 
 
 @dataclass

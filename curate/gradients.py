@@ -94,7 +94,7 @@ def _out_dtype_bmm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch has bmm(..., out_dtype=float32) for `dtype` inputs on `device` (CUDA, torch 2.8+),
     tried once on a 1×1×1 product: a failure of the real call (out of memory, say) is never taken for
     a missing kernel."""
-    key = (device.type, dtype)
+    key = (str(device), dtype)  # per device: a model split across unlike GPUs asks each
     if key not in _OUT_DTYPE_BMM:
         one = torch.ones(1, 1, 1, device=device, dtype=dtype)
         try:
@@ -134,12 +134,14 @@ def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Ro
     low = a.device.type == "cuda" and g.dtype in LOW_PRECISION
     a, g = (a.to(g.dtype), g) if low else (a.float(), g.float())
     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if gram_is_cheaper(t, d_in, d_out, len(blocks), _balance(a.device, low)):
-        aa = _bmm_fp32(a, a.transpose(1, 2))
-        grams = (g if b is None else g[..., b] for b in blocks)
-        return torch.stack([(aa * _bmm_fp32(gb, gb.transpose(1, 2))).sum(dim=(1, 2)) for gb in grams], dim=1)
-    squares = _bmm_fp32(g.transpose(1, 2), a).square()  # (B, d_out, d_in)
-    return torch.stack([(squares if b is None else squares[:, b]).sum(dim=(1, 2)) for b in blocks], dim=1)
+    # the probe's backward hooks run under its autocast, which would lower these matmuls' precision again
+    with torch.autocast(a.device.type, enabled=False):
+        if gram_is_cheaper(t, d_in, d_out, len(blocks), _balance(a.device, low)):
+            aa = _bmm_fp32(a, a.transpose(1, 2))
+            grams = (g if b is None else g[..., b] for b in blocks)
+            return torch.stack([(aa * _bmm_fp32(gb, gb.transpose(1, 2))).sum(dim=(1, 2)) for gb in grams], dim=1)
+        squares = _bmm_fp32(g.transpose(1, 2), a).square()  # (B, d_out, d_in)
+        return torch.stack([(squares if b is None else squares[:, b]).sum(dim=(1, 2)) for b in blocks], dim=1)
 
 
 def _by_example(x: torch.Tensor, example: torch.Tensor, n: int) -> torch.Tensor:

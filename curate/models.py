@@ -259,12 +259,13 @@ def plan_device_map(ref: ModelRef, device: str) -> dict | None:
     """Where load_model puts the model: None for the whole model on `device`, else a device map across the
     visible GPUs. Only `device="cuda"` is planned (cpu, or an explicit cuda:N, is taken as asked):
       - the fp32 weights plus headroom(free) fit the current GPU's free memory: that GPU;
-      - else another GPU that holds them alone (the one with most free memory) becomes the current one;
       - else, with two or more GPUs, a balanced map over all of them, each holding at most its free memory
         less its headroom (`split_device_map`);
-    In a dask GPU task (SINGLE_GPU set) only the current GPU is considered: no move, no split.
       - else the weights alone still fit the current GPU: that GPU, with a warning (activations may not);
-      - else ModelError naming the sizes, instead of a CUDA out-of-memory error halfway through loading."""
+      - else ModelError naming the sizes, instead of a CUDA out-of-memory error halfway through loading.
+    Where another GPU would hold the model alone, the warning or error names it (CUDA_VISIBLE_DEVICES):
+    the current GPU is never changed behind the process's back. In a dask GPU task (SINGLE_GPU set) only
+    the current GPU is considered."""
     if device != "cuda":
         return None
     import torch
@@ -278,21 +279,21 @@ def plan_device_map(ref: ModelRef, device: str) -> dict | None:
         free = [free_here if i == here else 0 for i in range(torch.cuda.device_count())]
     else:
         free = gpu_free_memory()
-        roomy = [i for i, f in enumerate(free) if need + headroom(f) <= f]
-        if roomy:  # another GPU holds it alone: it becomes this process's "cuda" (inputs follow the model)
-            best = max(roomy, key=lambda i: free[i])
-            log.info(f"{ref.name}: GPU {here} has {free_here / _GIB:.1f} GiB free, too little; using GPU {best} "
-                     f"({free[best] / _GIB:.1f} GiB free)")
-            torch.cuda.set_device(best)
-            return None
     device_map = split_device_map(skel, {i: f - headroom(f) for i, f in enumerate(free)})
     if device_map is not None:
         return device_map
+    # another GPU that holds it alone is not taken silently (models loaded earlier in this process and every
+    # input are on the current one): the warning or error names it
+    roomy = [i for i, f in enumerate(free) if i != here and need + headroom(f) <= f]
+    hint = (f"; GPU {max(roomy, key=lambda i: free[i])} holds it alone: choose it with CUDA_VISIBLE_DEVICES"
+            if roomy else "")
     if need <= free[here]:
         log.warning(f"{ref.name}: its fp32 weights ({need / _GIB:.1f} GiB) leave {(free[here] - need) / _GIB:.1f} "
-                    f"GiB of GPU {here} free for the probe's activations; lower --batch-tokens if it runs out")
+                    f"GiB of GPU {here} free for the probe's activations; lower --batch-tokens if it runs out{hint}")
         return None
     size = f"{ref.name}: its weights take {need / _GIB:.1f} GiB in fp32"
+    if roomy:
+        raise ModelError(f"{size} and GPU {here} has {free_here / _GIB:.1f} GiB free{hint}")
     if len(free) == 1:
         raise ModelError(f"{size} and the GPU has {free[0] / _GIB:.1f} GiB free; use a larger GPU, or several (the "
                          "model is then split across them), or probe a smaller model")

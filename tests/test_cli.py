@@ -80,3 +80,17 @@ def test_drift_and_irft_on_an_all_quarantined_input_fail_like_prism(tmp_path, ti
                  "--max-new-tokens", "4"]) == 2
     assert "irft: nothing written" in capsys.readouterr().err
     assert (tmp_path / "d" / "quarantine" / "part-00000.jsonl").exists()   # the reasons are written
+
+
+def test_sampling_on_a_cluster_needs_an_explicit_device_and_engine(tmp_path, capsys):
+    # device and engine are keyed into the samples' cache: "auto" resolved on the submitting machine could
+    # name what the workers did not run; a recorded reward samples nothing and needs neither
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"prompt": "1+1?", "completion": "2"}\n')
+    for job in ("drift", "irft"):
+        code = main([job, "--input", str(data), "--out", str(tmp_path / job), "--scheduler", "tcp://127.0.0.1:9"])
+        assert code == 2 and "give --device (cpu or cuda) and --engine (hf or vllm)" in capsys.readouterr().err
+    from curate.config import DriftConfig
+
+    DriftConfig(input=[str(data)], scheduler="tcp://127.0.0.1:9", verifier="recorded")
+    DriftConfig(input=[str(data)], scheduler="tcp://127.0.0.1:9", device="cuda", engine="hf")

@@ -272,14 +272,15 @@ def test_layers_on_the_gpu_and_the_cpu_give_the_single_device_probe(tmp_path, fa
     assert_autograd(whole, split, examples[:2], device="cuda")
 
 
-def test_another_gpu_that_holds_the_model_alone_becomes_the_current_one(llama8b, gpus, monkeypatch, caplog):
-    gpus(3, [1.5, 60, 100])  # GPU 0 is busy; 1 and 2 hold it alone: the roomiest, not a split
-    chosen = []
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+def test_another_gpu_that_holds_the_model_alone_is_named_not_taken(llama8b, gpus, monkeypatch):
+    # GPU 0 is busy, 1 is free (nothing to split over): switching the process's GPU would strand models
+    # loaded earlier and the inputs, so the error names the GPU to choose with CUDA_VISIBLE_DEVICES
+    gpus(2, [1.5, 100])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("changed the process's GPU"))
     monkeypatch.delenv(models.SINGLE_GPU, raising=False)
-    with caplog.at_level(logging.INFO, logger="curate.models"):
-        assert models.plan_device_map(llama8b, "cuda") is None
-    assert chosen == [2] and "using GPU 2" in caplog.text
+    with pytest.raises(models.ModelError, match=r"GPU 0 has 1\.5 GiB free; GPU 1 holds it alone: choose it with "
+                                                r"CUDA_VISIBLE_DEVICES"):
+        models.plan_device_map(llama8b, "cuda")
 
 
 def test_a_dask_gpu_task_never_leaves_its_own_gpu(llama8b, gpus, monkeypatch):

@@ -214,7 +214,7 @@ def test_an_existing_cluster_gets_gpu_tasks_only_if_a_worker_declares_gpu(gpu_wo
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
                       resources={"GPU": 1} if gpu_workers else None) as cluster:
-        executor = make_executor(None, cluster.scheduler_address)
+        executor = make_executor(None, cluster.scheduler_address, cuda=True)  # what a CUDA or auto job passes
         try:
             assert executor.gpu_workers is gpu_workers
             got = executor.map(task_resources, range(2), gpu=True)

@@ -97,3 +97,18 @@ def test_per_example_loss_is_the_mean_over_its_own_targets(tiny_model):
         target = mask[i, 1:].bool()
         ref = torch.nn.functional.cross_entropy(logits[target], ids[i, 1:][target])
         torch.testing.assert_close(nll[i], ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_the_norm_step_is_not_lowered_by_the_callers_autocast(amp):
+    # the probe's backward hooks run under its autocast: the norms must still be the fp32 ones, and an
+    # fp16 Gram entry past 65504 must not become inf
+    gen = torch.Generator().manual_seed(3)
+    for t in (3, 200):  # both forms
+        a = torch.randn(2, t, 16, generator=gen) * 150
+        g = (torch.randn(2, t, 24, generator=gen) * 150).to(amp)
+        plain = per_example_block_sq_norms(a, g, [None, slice(0, 8)])
+        with torch.autocast("cpu", dtype=amp):
+            inside = per_example_block_sq_norms(a, g, [None, slice(0, 8)])
+        assert inside.dtype == torch.float32 and torch.isfinite(inside).all()
+        torch.testing.assert_close(inside, plain, rtol=0, atol=0)

@@ -43,7 +43,8 @@ class DaskExecutor:
     count); with `cuda`, one such process per GPU instead, each pinned to its GPU and declaring the worker
     resource GPU=1 (engine.gpu_cluster: at most one per GPU, a warning when N is more).
     --scheduler ADDR: an existing cluster (start one worker per GPU there, each with GPU=1).
-    GPU stages ask for the resource GPU=1 on an existing cluster and on a local GPU cluster."""
+    GPU stages ask for the resource GPU=1 on a local GPU cluster, and on an existing cluster when one of
+    its workers declares it (else they run on any worker rather than wait forever)."""
 
     def __init__(self, workers: int | None = None, scheduler: str | None = None, cuda: bool = False):
         from dask.distributed import Client, LocalCluster
@@ -69,7 +70,7 @@ class DaskExecutor:
         self.remote = scheduler is not None
         # where workers declare GPU=1: a local GPU cluster, or an existing cluster with such workers (on one
         # without, a task asking for GPU=1 would wait forever)
-        self.gpu_workers = cuda or (self.remote and declares_gpu(self.client))
+        self.gpu_workers = declares_gpu(self.client) if self.remote else cuda
 
     def map(self, fn: Callable, items: Sequence, desc: str = "", gpu: bool = False,
             cost: tuple[list[int], str] | None = None) -> list:
@@ -108,8 +109,15 @@ def on_own_gpu(fn: Callable, item):
 
     from curate.models import SINGLE_GPU
 
+    before = os.environ.get(SINGLE_GPU)
     os.environ[SINGLE_GPU] = "1"
-    return fn(item)
+    try:
+        return fn(item)
+    finally:  # a worker runs one GPU task at a time; an in-process cluster must not keep the flag
+        if before is None:
+            os.environ.pop(SINGLE_GPU, None)
+        else:
+            os.environ[SINGLE_GPU] = before
 
 
 def _torch_threads() -> int:

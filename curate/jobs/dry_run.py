@@ -50,6 +50,9 @@ def dry_run(cfg: PrismConfig) -> dict:
     plan = {"records": ingest["counts"]["input"], "duplicates": ingest["counts"]["duplicates"],
             "quarantined_ingest": ingest["counts"]["quarantined"], "shards": len(ingest["shards"]),
             "to_probe": len(ids), **stats}
+    if cfg.scheduler or cfg.workers:
+        plan["note"] = ("the calibration ran in this process, on this machine: the estimate is for one process "
+                        "here, not for the cluster's workers")
     if not ids:
         return {**plan, "padded_tokens": 0, "estimate_s": 0.0}
     batches = token_batches([len(x) for x in ids], cfg.batch_tokens)
@@ -94,4 +97,6 @@ def describe(plan: dict) -> str:
                      f"{plan['device']}: {plan['calibration_tokens']} tokens in {plan['calibration_s']} s, model load "
                      f"{plan['model_load_s']} s")
         lines.append(f"  estimated probe time: {plan['estimate_s']:.0f} s (~{plan['estimate_s'] / 60:.1f} min)")
+    if plan.get("note"):
+        lines.append(f"  note: {plan['note']}")
     return "\n".join(lines)
