@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -147,15 +148,6 @@ def module_shapes(name: str, device: str) -> dict[str, tuple[int, int]]:
     return {"q_o": (h, h), "k_v": (h, kv), "gate_up": (h, f), "down": (f, h)}
 
 
-def _forms(a: torch.Tensor, g: torch.Tensor, low: bool):
-    """The two exact forms, forced, with the precision per_example_block_sq_norms uses."""
-    a, g = (a.to(g.dtype), g) if low else (a.float(), g.float())
-    mm = gradients._bmm_fp32
-    gram = lambda: (mm(a, a.transpose(1, 2)) * mm(g, g.transpose(1, 2))).sum(dim=(1, 2))  # noqa: E731
-    product = lambda: mm(g.transpose(1, 2), a).square().sum(dim=(1, 2))  # noqa: E731
-    return gram, product
-
-
 def norm_step(args) -> dict:
     dev = args.device
     low = dev == "cuda"
@@ -174,8 +166,8 @@ def norm_step(args) -> dict:
                 ref = torch.stack([(g[i].double().T @ a[i].double()).square().sum() for i in range(b)])
                 err = float(((got - ref).abs() / ref).max())
                 worst["norms_vs_fp64_same_inputs"] = max(worst["norms_vs_fp64_same_inputs"], err)
-                gram, product = _forms(a, g, low)
-                ms = {"gram": cuda_ms(gram), "product": cuda_ms(product)}
+                ms = {form: cuda_ms(partial(gradients.per_example_block_sq_norms, a, g, [None], form))
+                      for form in ("gram", "product")}
                 chosen = "gram" if gradients.gram_is_cheaper(t, d_in, d_out, 1, gradients._balance(a.device, low)) \
                     else "product"
                 faster = min(ms, key=ms.get)
@@ -313,8 +305,9 @@ def _profile(model, dev: str) -> dict:
     def train():
         probe_bench.train_step(model, [batch], lambda: torch.autocast(dev, dtype=amp))
 
-    ms = {name: cuda_ms(fn, reps=5) for name, fn in (("probe", probe), ("probe_nondeterministic", probe_nondeterministic),
-                                                     ("frozen_backward", frozen_backward), ("train_step", train))}
+    timed_fns = {"probe": probe, "probe_nondeterministic": probe_nondeterministic, "frozen_backward": frozen_backward,
+                 "train_step": train}
+    ms = {name: cuda_ms(fn, reps=5) for name, fn in timed_fns.items()}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         probe()

@@ -39,27 +39,31 @@ def per_example_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 # FLOPs the device does in the time it moves one byte through memory (its "machine balance"), by device
-# type and whether the matmul inputs are bf16/fp16: it weighs the bytes each form writes and reads against
+# type and the matmuls' input precision: it weighs the bytes each form writes and reads against
 # its multiply-adds. CUDA: an H100/H200 does ~790 TFLOP/s dense bf16 and ~4.3 TB/s device copies (measured),
 # ~50 TFLOP/s plain fp32, ~400 with TF32 allowed. CPU: 0, i.e. multiply-adds alone, the rule curate has
 # always used there. A fixed table, not a timing, so that the same inputs always take the same form.
-MACHINE_BALANCE = {("cuda", True): 180.0, ("cuda", False): 12.0, ("cuda", "tf32"): 90.0}
+MACHINE_BALANCE = {"cuda bf16/fp16": 180.0, "cuda fp32": 12.0, "cuda tf32": 90.0, "cpu": 0.0}
+
+
+def _tf32_setting() -> tuple[object, str]:
+    """(torch's CUDA matmul settings, the field that allows TF32): torch's newer fp32_precision, else
+    the older allow_tf32."""
+    matmul = torch.backends.cuda.matmul
+    return matmul, "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
 
 
 def tf32_enabled() -> bool:
-    """Whether CUDA fp32 matmuls may use TF32 (torch's newer fp32_precision setting, else allow_tf32)."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        return matmul.fp32_precision == "tf32"
-    return bool(matmul.allow_tf32)
+    """Whether CUDA fp32 matmuls may use TF32."""
+    matmul, field = _tf32_setting()
+    return getattr(matmul, field) in ("tf32", True)
 
 
 @contextmanager
 def tf32_matmuls(enabled: bool = True):
     """CUDA fp32 matmuls may use TF32 (10-bit mantissa inputs, fp32 accumulation) inside the block, and
     the setting is restored after it. The probe's `--dtype tf32`."""
-    matmul = torch.backends.cuda.matmul
-    field = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    matmul, field = _tf32_setting()
     before = getattr(matmul, field)
     setattr(matmul, field, ("tf32" if enabled else "ieee") if field == "fp32_precision" else enabled)
     try:
@@ -70,10 +74,8 @@ def tf32_matmuls(enabled: bool = True):
 
 def _balance(device: torch.device, low: bool) -> float:
     if device.type != "cuda":
-        return 0.0
-    if not low and tf32_enabled():
-        return MACHINE_BALANCE[("cuda", "tf32")]
-    return MACHINE_BALANCE[("cuda", low)]
+        return MACHINE_BALANCE["cpu"]
+    return MACHINE_BALANCE["cuda bf16/fp16" if low else "cuda tf32" if tf32_enabled() else "cuda fp32"]
 
 
 def gram_is_cheaper(t: int, d_in: int, d_out: int, blocks: int, balance: float) -> bool:
@@ -116,13 +118,15 @@ def _bmm_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.float(), y.float())
 
 
-def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Rows]) -> torch.Tensor:
+def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Rows],
+                               form: str | None = None) -> torch.Tensor:
     """(B, len(blocks)) fp32: ‖G_i[:, b]ᵀ A_i‖²_F for each example i and each block b of output features (a
     slice or index of g's last dim; None: all), i.e. the gradient norm of the rows of W that compute those
     outputs; a: (B,T,d_in), g: (B,T,d_out). Both exact forms cost what one unsplit matrix does:
       Gram:    (A_iA_iᵀ) formed once, Σ_ts (A_iA_iᵀ)_ts (G_ibG_ibᵀ)_ts per block    ~ T²·(d_in+d_out)
       product: squares of G_iᵀA_i (d_out×d_in), summed over each block's rows          ~ T·d_in·d_out
-    chosen per call by `gram_is_cheaper` for this device.
+    chosen per call by `gram_is_cheaper` for this device (`form` "gram" or "product" forces one: the
+    benchmarks time both).
 
     Precision. On CUDA, a bf16/fp16 g (autocast: the output gradient a bf16 training step has too) makes
     both matmuls take bf16/fp16 inputs (a is cast to g's dtype, as autocast's linear did in forward), so
@@ -131,12 +135,15 @@ def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Ro
     error against fp32 inputs ~1e-3 (benchmarks/gpu_check.py measures it). Otherwise (fp32, or any CPU run)
     everything is fp32, and under TF32 (torch.backends.cuda.matmul.allow_tf32, the user's choice) CUDA
     fp32 matmuls use it (`tf32_matmuls`)."""
+    if form not in (None, "gram", "product"):
+        raise ValueError(f"form {form!r}: None (the cheaper), 'gram' or 'product'")
     low = a.device.type == "cuda" and g.dtype in LOW_PRECISION
     a, g = (a.to(g.dtype), g) if low else (a.float(), g.float())
     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     # the probe's backward hooks run under its autocast, which would lower these matmuls' precision again
     with torch.autocast(a.device.type, enabled=False):
-        if gram_is_cheaper(t, d_in, d_out, len(blocks), _balance(a.device, low)):
+        gram = form == "gram" if form else gram_is_cheaper(t, d_in, d_out, len(blocks), _balance(a.device, low))
+        if gram:
             aa = _bmm_fp32(a, a.transpose(1, 2))
             grams = (g if b is None else g[..., b] for b in blocks)
             return torch.stack([(aa * _bmm_fp32(gb, gb.transpose(1, 2))).sum(dim=(1, 2)) for gb in grams], dim=1)

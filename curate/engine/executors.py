@@ -56,17 +56,15 @@ class DaskExecutor:
             # another order with another thread count (1 ulp apart), so workers get this process's count
             env = {k: str(_torch_threads()) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
             if cuda:
-                from curate.engine.gpu_cluster import local_gpu_cluster
+                from curate.engine.gpu_cluster import local_gpu_cluster, worker_devices
 
                 self.cluster = local_gpu_cluster(workers, env)
+                self.client = Client(self.cluster)
+                worker_devices(self.client)  # logs which worker got which GPU
             else:
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                             dashboard_address=None, env=env)
-            self.client = Client(self.cluster)
-            if cuda:
-                from curate.engine.gpu_cluster import worker_devices
-
-                worker_devices(self.client)
+                self.client = Client(self.cluster)
         self.remote = scheduler is not None
         # where workers declare GPU=1: a local GPU cluster, or an existing cluster with such workers (on one
         # without, a task asking for GPU=1 would wait forever)

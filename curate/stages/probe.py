@@ -31,6 +31,7 @@ DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.floa
 def probe_at(dtype: str, model, rmap: roles.RoleMap, input_ids, attention, loss_mask) -> gradients.ProbeResult:
     """gradients.probe_batch at the resolved --dtype `dtype`: autocast for bf16/fp16, TF32 CUDA matmuls for
     tf32, plain fp32 (TF32 off, whatever the process's setting) for fp32."""
+    gradients.plain_head(model)  # its one-time logits comparison in full fp32, never under tf32 below
     with gradients.tf32_matmuls(dtype == "tf32"):
         return gradients.probe_batch(model, rmap, input_ids, attention, loss_mask, DTYPES[dtype])
 
@@ -75,7 +76,6 @@ class Probe(Stage):
         valid = [i for i, err in enumerate(shard.column("token_error").to_pylist()) if err is None]
         loss = np.full(len(ids), np.nan, dtype=np.float32)
         sq = np.full((len(ids), len(rmap.entries)), np.nan, dtype=np.float64)
-        gradients.plain_head(model)  # its one-time logits comparison in full fp32, never under tf32 below
         bar = tqdm(total=len(valid), desc="probe", unit="ex", leave=False)
         start, n_tok = time.perf_counter(), 0
         for batch in token_batches([len(ids[i]) for i in valid], c.batch_tokens):
