@@ -18,8 +18,8 @@ Sections, in order; each is skipped (with the reason) when the time budget left 
   speed         benchmarks/probe_bench.py's methods (train_step, probe, naive, opacus) under bf16 autocast
                 at T = 1024 and 4096: tokens/s, peak memory, ratios.
   small_t       the same at T = 128 on the smallest shape: per-module overhead.
-  profile       one 1.5B-shape batch: the probe, the probe without deterministic algorithms, the same
-                forward/backward without hooks, a training step, and the probe's top kernels.
+  profile       one 1.5B-shape batch: the probe (strict deterministic algorithms), the same in warn-only
+                mode and without them, the same forward/backward without hooks, a training step, and the probe's top kernels.
   end_to_end    `curate prism --device cuda --dtype bf16` on data/demo_quick with a random-weight model
                 of the smallest shape, twice in process and once with --workers 1 (when dask is
                 installed), comparing the routed bytes.
@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `curate`
 
 from benchmarks import probe_bench  # noqa: E402
 from benchmarks._bench_utils import machine_info  # noqa: E402
-from curate import gradients  # noqa: E402
+from curate import determinism, gradients  # noqa: E402
 
 # Real models' shapes (from their published config.json); weights are random.
 SHAPES = {
@@ -217,7 +217,8 @@ def speed_case(name: str, t: int, args, skip: list[str], examples: int | None = 
     try:
         r = probe_bench.run_benchmark(model, bench_args(dtype="bf16", examples=n, seq_len=t, mixed=False,
                                                         reps=reps if dev == "cuda" else 1, ref_examples=2,
-                                                        skip=skip, batch_tokens=batch_tokens))
+                                                        opacus_examples="all", skip=skip,
+                                                        batch_tokens=batch_tokens))
     finally:
         del model
         free(dev)
@@ -241,7 +242,7 @@ def speed(args, deadline: float) -> dict:
         if time.monotonic() > deadline:
             out[key] = {"skipped": "time budget spent"}
             continue
-        # Opacus holds every example's full gradient: B x 8B fp32 does not fit beside the 8B model
+        # Opacus holds every example's full gradient: B x 8B floats do not fit beside the 8B model
         skip = [] if has_opacus and name != "llama-3.1-8b" else ["opacus"]
         if name == "llama-3.1-8b" and t > 1024:  # fp32 naive activations of 4096 tokens beside 64 GB: out of memory
             skip.append("naive")
@@ -257,8 +258,8 @@ def speed(args, deadline: float) -> dict:
 
 
 def profile(args) -> dict:
-    """Where the probe's time goes, on one batch of the 1.5B shape at T = 1024 (tiny on CPU): the probe,
-    the probe without deterministic algorithms, the same forward and backward with no hooks (weights
+    """Where the probe's time goes, on one batch of the 1.5B shape at T = 1024 (tiny on CPU): the probe
+    (strict deterministic algorithms), the same in warn-only mode and without deterministic algorithms, the same forward and backward with no hooks (weights
     frozen, only the input embeddings needing grad: the probe minus its norm step) and a training step,
     each timed alone; then the probe's top kernels by device time under torch.profiler."""
     dev = args.device
@@ -271,8 +272,6 @@ def profile(args) -> dict:
 
 
 def _profile(model, dev: str) -> dict:
-    import contextlib
-
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -288,13 +287,15 @@ def _profile(model, dev: str) -> dict:
     def probe():
         gradients.probe_batch(model, rmap, batch.input_ids, batch.attention, batch.loss_mask, amp)
 
-    def probe_nondeterministic():
-        real = gradients.deterministic
-        gradients.deterministic = lambda device: contextlib.nullcontext()
-        try:
-            probe()
-        finally:
-            gradients.deterministic = real
+    def probe_with(types: tuple, strict: bool):  # the probe with deterministic algorithms on `types` only
+        def run():
+            real = (determinism.DEVICE_TYPES, getattr(model, "_curate_not_deterministic", None))
+            determinism.DEVICE_TYPES, model._curate_not_deterministic = types, None if strict else "timed"
+            try:
+                probe()
+            finally:
+                determinism.DEVICE_TYPES, model._curate_not_deterministic = real
+        return run
 
     def frozen_backward():
         embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
@@ -305,7 +306,8 @@ def _profile(model, dev: str) -> dict:
     def train():
         probe_bench.train_step(model, [batch], lambda: torch.autocast(dev, dtype=amp))
 
-    timed_fns = {"probe": probe, "probe_nondeterministic": probe_nondeterministic, "frozen_backward": frozen_backward,
+    timed_fns = {"probe": probe, "probe_warn_only": probe_with(determinism.DEVICE_TYPES, False),
+                 "probe_nondeterministic": probe_with((), True), "frozen_backward": frozen_backward,
                  "train_step": train}
     ms = {name: cuda_ms(fn, reps=5) for name, fn in timed_fns.items()}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
@@ -320,6 +322,7 @@ def _profile(model, dev: str) -> dict:
     launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
     return {"shape": "qwen2.5-1.5b", "T": t, "B": n, "tokens": n * t, "ms": {k: round(v, 3) for k, v in ms.items()},
             "probe_minus_frozen_backward_ms": round(ms["probe"] - ms["frozen_backward"], 3),
+            "strict_deterministic": getattr(model, "_curate_not_deterministic", None) is None,
             "kernel_launches": launches, "top_ops_by_device_time": top}
 
 
@@ -377,10 +380,12 @@ def end_to_end(args, deadline: float) -> dict:
             started = time.monotonic()
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env, timeout=max(30, left))
-                rc, tail = done.returncode, (done.stdout + done.stderr)[-3000:]
+                rc, tail = done.returncode, done.stdout + done.stderr
             except subprocess.TimeoutExpired as e:
                 rc, tail = "timeout", str(e)[-3000:]
-            res = {"rc": rc, "wall_s": round(time.monotonic() - started, 1), "command": " ".join(cmd[2:])}
+            res = {"rc": rc, "wall_s": round(time.monotonic() - started, 1), "command": " ".join(cmd[2:]),
+                   # curate.gradients warns once when a model's probe cannot run strict deterministic algorithms
+                   "strict_deterministic": "without strict deterministic algorithms" not in tail}
             manifest = dest / "manifest.json"
             if rc == 0 and manifest.exists():
                 m = json.loads(manifest.read_text())
@@ -389,7 +394,7 @@ def end_to_end(args, deadline: float) -> dict:
                 res["timings_s"] = m.get("timings_s")
                 res["routed_sha256"] = _routed_digest(dest)
             else:
-                res["output_tail"] = tail
+                res["output_tail"] = tail[-3000:]
             out[key] = res
     digests = {k: v.get("routed_sha256") for k, v in out.items() if isinstance(v, dict)}
     if digests.get("workers_0"):
@@ -441,7 +446,12 @@ def summary(result: dict) -> dict:
             r, m = case["ratios_tokens_per_s"], case["ratios_peak_mem"]
             out[key] = {"probe_tok_s": round(case["methods"]["probe"]["tokens_per_s"]),
                         "probe/train_step": r.get("probe/train_step"),
-                        "probe/naive": case["ratios_tokens_per_s_same_examples"].get("probe/naive"),
+                        # naive is one example per backward: its tokens/s does not depend on how many it
+                        # sees, so the probe is compared at its own batches (and, below, held to naive's)
+                        "probe/naive": r.get("probe/naive"),
+                        "probe/naive, probe on naive's examples alone":
+                            case["ratios_tokens_per_s_same_examples"].get("probe/naive"),
+                        # Opacus batches as the probe does: the same examples in the same batches
                         "probe/opacus": case["ratios_tokens_per_s_same_examples"].get("probe/opacus"),
                         "peak_mem probe/train_step": m.get("probe/train_step"),
                         "bf16_vs_fp32_naive_max_rel_err": case["exactness"].get("probe_vs_naive_max_rel_err")}

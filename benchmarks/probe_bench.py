@@ -2,7 +2,7 @@
 
     python benchmarks/probe_bench.py [--model PATH] [--device auto|cpu|cuda] [--dtype fp32|bf16]
         [--examples 16] [--seq-len 256] [--mixed] [--batch-tokens 4096] [--reps 3] [--ref-examples 2]
-        [--skip naive opacus]
+        [--opacus-examples ref|all] [--skip naive opacus]
 
 Prints one JSON object on stdout; progress goes to stderr.
 
@@ -27,9 +27,13 @@ median. Tokens are real (unpadded) tokens.
               trainable, per-sample gradients (B, d_out, d_in) reduced to the same Frobenius norms.
 
 naive and opacus are slow (opacus holds B x 106M floats of per-sample gradients for SmolLM2), so they run
-on the first `--ref-examples` examples only; every method reports its own tokens/s, and ratios compare
-tokens/s (> 1: probe faster). The probe also runs on those examples alone (methods.probe_ref), so that
-memory and, in a second set of ratios, speed compare like with like. Exactness: the max relative error,
+on the first `--ref-examples` examples only (opacus on every example, in the probe's batches, with
+`--opacus-examples all`); every method reports its own tokens/s, and ratios compare tokens/s (> 1: probe
+faster). The probe also runs on those examples alone (methods.probe_ref), so that memory and, in a second
+set of ratios, speed compare like with like. Which ratio is the fair one differs: naive is one example
+per backward whatever the count, so its tokens/s does not depend on how many examples it sees and the
+probe is compared at its own batches (ratios_tokens_per_s); Opacus batches as the probe does, so it is
+compared on the same batches (ratios_tokens_per_s_same_examples). Exactness: the max relative error,
 over those examples and all modules, of the probe's (and opacus's) norms against naive fp32 norms; with
 --dtype bf16, probe, train_step and opacus run under bf16 autocast and the error is against the fp32
 reference. On CPU the warm-up round uses two examples (it only pays first-call costs); on CUDA it is a
@@ -72,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--reps", type=int, default=3, help="timed reps after one warm-up")
     p.add_argument("--ref-examples", type=int, default=2, help="examples for naive and opacus (0: all)")
+    p.add_argument("--opacus-examples", default="ref", choices=["ref", "all"],
+                   help="opacus on naive's --ref-examples examples, or on all of them in the probe's batches")
     p.add_argument("--skip", nargs="*", default=[], choices=["naive", "opacus"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -192,11 +198,12 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
         "train_step": (full, lambda w: train_step(model, w.batches, amp)),
         "probe": (full, lambda w: probe(model, modules, w.batches, n, amp_dtype)),
         "naive": (ref, lambda w: naive(model, modules, examples, w.rows, n, device)),
-        "opacus": (ref, lambda w: opacus(model, modules, w.batches, n, amp)),
+        "opacus": (full if args.opacus_examples == "all" else ref, lambda w: opacus(model, modules, w.batches, n, amp)),
         "probe_ref": (ref, lambda w: probe(model, modules, w.batches, n, amp_dtype)),
     }
     # probe_ref: the probe on naive's and opacus's examples, for like-for-like memory (and speed) ratios
-    same = "probe" if k == n or set(args.skip) >= {"naive", "opacus"} else "probe_ref"
+    opacus_full = args.opacus_examples == "all" or "opacus" in args.skip
+    same = "probe" if k == n or ("naive" in args.skip and opacus_full) else "probe_ref"
     active = [m for m in METHODS if m not in args.skip] + ([same] if same != "probe" else [])
     seconds, peaks, outputs, errors = {m: [] for m in active}, {m: [] for m in active}, {}, {}
     for rep in range(-1, args.reps):
@@ -230,7 +237,8 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
         return a / b if a is not None and b else None
 
     others = [m for m in METHODS if m != "probe"]
-    like = {m: "probe" if m == "train_step" else same for m in others}  # the probe run on m's examples
+    # the probe run on m's examples
+    like = {m: "probe" if m == "train_step" or (m == "opacus" and opacus_full) else same for m in others}
     exact = {"reference": "naive: fp32 weight.grad of each example alone (unpadded), norms reduced in fp64",
              "examples": k, "probe_dtype": args.dtype}
     if "naive" in outputs:
@@ -253,8 +261,10 @@ def run_benchmark(model, args: argparse.Namespace) -> dict:
         "ratios_tokens_per_s_same_examples": {f"probe/{m}": ratio("tokens_per_s", m, like[m]) for m in others},
         "ratios_peak_mem": {f"probe/{m}": ratio("peak_mem_mib", m, like[m]) for m in others},
         "ratios_note": ("> 1: the probe is faster / uses more memory. ratios_tokens_per_s: the probe on all "
-                        "examples; the _same_examples and peak_mem ratios compare it with naive and opacus on "
-                        f"their {k} examples (methods.{same})"),
+                        "examples in its batches; the _same_examples and peak_mem ratios compare it with naive "
+                        f"and opacus on their examples (naive: {k}; opacus: "
+                        f"{'all, in the same batches' if opacus_full else k}; methods.{same})"),
+        "examples_per_method": {m: len(calls[m][0].rows) for m in active},
         "exactness": exact,
     }
 

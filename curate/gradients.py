@@ -20,6 +20,7 @@ flattened input, so its rows are regrouped by example (zero rows pad them, addin
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,7 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from curate import determinism
 from curate.roles import RoleMap, Rows, Site, decoder
+
+log = logging.getLogger(__name__)
 
 
 def per_example_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -331,24 +335,6 @@ def _eager_experts(model: nn.Module, rmap: RoleMap):
             model.set_experts_implementation(before)
 
 
-@contextmanager
-def deterministic(device: torch.device):
-    """On CUDA, torch's deterministic algorithms inside the block (warn_only: an op with no deterministic
-    kernel warns rather than fails), the previous setting restored after it; nothing elsewhere. Kernels
-    that add with atomics (attention's backward among them) otherwise sum in no fixed order, and the same
-    example's norms would differ in their last bits between runs. cuBLAS also needs
-    CUBLAS_WORKSPACE_CONFIG before its first call (curate.models.load_model sets it)."""
-    if device.type != "cuda":
-        yield
-        return
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 # Config keys by which a model post-processes its head's output (Gemma-2/3's final softcap, Granite's
 # logits_scaling, Cohere's logit_scale, Falcon-H1's lm_head_multiplier): such a model always takes the
 # path through its own forward, even where the numeric check below cannot see the difference.
@@ -372,7 +358,7 @@ def plain_head(model: nn.Module) -> bool:
         ids = torch.arange(1, 9, device=device).unsqueeze(0) % model.get_input_embeddings().num_embeddings
         with torch.no_grad():
             own = model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids)).last_hidden_state
+            hidden = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids), use_cache=False).last_hidden_state
             ours = model.get_output_embeddings()(hidden)[0].float().to(own.device)  # head on another GPU
         plain = own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-5, atol=1e-6)
     model._curate_plain_head = plain
@@ -395,7 +381,9 @@ def target_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         inputs_embeds = model.get_input_embeddings()(input_ids)
     rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)
     if plain_head(model):
-        hidden = decoder(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        # no KV cache: it would copy every layer's keys and values for nothing
+        hidden = decoder(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state
         at = hidden.device
         logits = model.get_output_embeddings()(hidden[rows.to(at), cols.to(at)])  # predicts token cols+1
     else:
@@ -434,7 +422,11 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
     The model may be split across devices by accelerate (curate.models.load_model on several GPUs): each
     norm is formed on its layer's device and gathered on the inputs' device, as are the losses. Offloaded
     weights (accelerate's CPU or disk offload) work for the linear layers watched by module hooks, not for
-    routers or expert stacks (RuntimeError: the probe finds those by their parameter objects)."""
+    routers or expert stacks (RuntimeError: the probe finds those by their parameter objects).
+
+    On CUDA each batch runs under torch's strict deterministic algorithms (curate.determinism), so the same
+    inputs give the same bytes; a model with an op that has no deterministic kernel is probed in warn-only
+    mode from its first such batch on, after one warning."""
     offloaded = [rmap.entries[s.blocks[0][0]].name for s in rmap.sites if s.kind == "functional" and (
         s.param.device.type == "meta" or all(p is not s.param for p in s.module.parameters()))]
     if offloaded:
@@ -444,13 +436,32 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
                            "parameter object, which offloading swaps at every forward. Keep the model's weights on "
                            "its GPUs (curate.models.load_model never offloads) and build the role map after "
                            "dispatching it")
-    sq = torch.zeros(input_ids.shape[0], len(rmap.entries), device=input_ids.device, dtype=torch.float32)
     plain_head(model)  # its one-time check runs a forward: not under the hooks below
+    args = (model, rmap, input_ids, attention_mask, loss_mask, autocast_dtype)
+    if getattr(model, "_curate_not_deterministic", None) is None:
+        try:
+            return _probe(*args, strict=True)
+        except RuntimeError as e:
+            if not determinism.is_determinism_error(e):
+                raise
+            model._curate_not_deterministic = determinism.reason(e)
+        # after the except block, so that the failed attempt's graph is freed before the retry
+        log.warning(f"{model._curate_not_deterministic}. So this model is probed on {input_ids.device.type} "
+                    "without strict deterministic algorithms: its scores are reproducible to float rounding "
+                    "(about 1e-6 relative), not bit for bit, and a row at the routing threshold can change route "
+                    "between runs (see docs/gpus.md, Determinism on CUDA)")
+    return _probe(*args, strict=False)
+
+
+def _probe(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           loss_mask: torch.Tensor, autocast_dtype: torch.dtype | None, strict: bool) -> ProbeResult:
+    """One probe_batch attempt, under strict (or warn-only) deterministic algorithms on CUDA."""
+    sq = torch.zeros(input_ids.shape[0], len(rmap.entries), device=input_ids.device, dtype=torch.float32)
     embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
     amp = torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.float32,
                          enabled=autocast_dtype is not None)
     capture = _capture(rmap, sq, input_ids.shape[1])
-    with deterministic(input_ids.device), _eager_experts(model, rmap), capture as cap, amp:
+    with determinism.deterministic(input_ids.device, strict), _eager_experts(model, rmap), capture as cap, amp:
         loss = token_nll(model, input_ids, attention_mask, loss_mask, inputs_embeds=embeds)
         loss.sum().backward()  # Σ_i ℓ_i: each example's gradient is its own
     cap.check()

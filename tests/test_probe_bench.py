@@ -73,3 +73,16 @@ def test_an_opacus_failure_is_reported_not_raised(monkeypatch):
     assert r["exactness"]["opacus_vs_naive_max_rel_err"] is None
     assert r["ratios_peak_mem"]["probe/opacus"] is None
     assert r["exactness"]["probe_vs_naive_max_rel_err"] < 1e-4
+
+
+def test_opacus_on_every_example_is_compared_in_the_same_batches():
+    pytest.importorskip("opacus")
+    r = bench("--examples", "3", "--ref-examples", "1", "--opacus-examples", "all")
+    m = r["methods"]
+    assert m["opacus"]["examples"] == 3 and m["naive"]["examples"] == 1 and m["probe_ref"]["examples"] == 1
+    assert r["examples_per_method"] == {"train_step": 3, "probe": 3, "naive": 1, "opacus": 3, "probe_ref": 1}
+    same = r["ratios_tokens_per_s_same_examples"]
+    assert same["probe/opacus"] == pytest.approx(m["probe"]["tokens_per_s"] / m["opacus"]["tokens_per_s"])
+    assert same["probe/naive"] == pytest.approx(m["probe_ref"]["tokens_per_s"] / m["naive"]["tokens_per_s"])
+    assert r["ratios_peak_mem"]["probe/opacus"] == pytest.approx(m["probe"]["peak_mem_mib"] / m["opacus"]["peak_mem_mib"])
+    assert r["exactness"]["opacus_vs_naive_max_rel_err"] < 1e-4
