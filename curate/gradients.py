@@ -21,7 +21,7 @@ flattened input, so its rows are regrouped by example (zero rows pad them, addin
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -144,15 +144,18 @@ def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Ro
     low = a.device.type == "cuda" and g.dtype in LOW_PRECISION
     a, g = (a.to(g.dtype), g) if low else (a.float(), g.float())
     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    # the probe's backward hooks run under its autocast, which would lower these matmuls' precision again
-    with torch.autocast(a.device.type, enabled=False):
-        gram = form == "gram" if form else gram_is_cheaper(t, d_in, d_out, len(blocks), _balance(a.device, low))
+    gram = form == "gram" if form else gram_is_cheaper(t, d_in, d_out, len(blocks), _balance(a.device, low))
+    # a caller's autocast would lower these matmuls' precision again (checked first: entering the context
+    # costs more Python than a small module's whole norm step)
+    with torch.autocast(a.device.type, enabled=False) if torch.is_autocast_enabled(a.device.type) else nullcontext():
         if gram:
             aa = _bmm_fp32(a, a.transpose(1, 2))
-            grams = (g if b is None else g[..., b] for b in blocks)
-            return torch.stack([(aa * _bmm_fp32(gb, gb.transpose(1, 2))).sum(dim=(1, 2)) for gb in grams], dim=1)
-        squares = _bmm_fp32(g.transpose(1, 2), a).square()  # (B, d_out, d_in)
-        return torch.stack([(squares if b is None else squares[:, b]).sum(dim=(1, 2)) for b in blocks], dim=1)
+            grams = [g if b is None else g[..., b] for b in blocks]
+            sums = [(aa * _bmm_fp32(gb, gb.transpose(1, 2))).sum(dim=(1, 2)) for gb in grams]
+        else:
+            squares = _bmm_fp32(g.transpose(1, 2), a).square()  # (B, d_out, d_in)
+            sums = [(squares if b is None else squares[:, b]).sum(dim=(1, 2)) for b in blocks]
+    return sums[0].unsqueeze(1) if len(sums) == 1 else torch.stack(sums, dim=1)
 
 
 def _by_example(x: torch.Tensor, example: torch.Tensor, n: int) -> torch.Tensor:
@@ -226,7 +229,10 @@ class _Capture:
             else:
                 ex = torch.div(tokens.to(grad.device), t, rounding_mode="floor")
                 norms = per_example_block_sq_norms(_by_example(a, ex, b), _by_example(grad, ex, b), blocks)
-            self.sq[:, where] += norms.to(self.sq.device)
+            if isinstance(where, slice):
+                self.sq[:, where].add_(norms.to(self.sq.device))  # in place on a view: no copy back
+            else:
+                self.sq[:, where] += norms.to(self.sq.device)
             for c in cols:
                 self.fired[c] = True
             a = None  # free this layer's activations as soon as its norms exist
@@ -461,8 +467,11 @@ def _probe(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor, attention_m
     amp = torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.float32,
                          enabled=autocast_dtype is not None)
     capture = _capture(rmap, sq, input_ids.shape[1])
-    with determinism.deterministic(input_ids.device, strict), _eager_experts(model, rmap), capture as cap, amp:
-        loss = token_nll(model, input_ids, attention_mask, loss_mask, inputs_embeds=embeds)
+    with determinism.deterministic(input_ids.device, strict), _eager_experts(model, rmap), capture as cap:
+        with amp:
+            loss = token_nll(model, input_ids, attention_mask, loss_mask, inputs_embeds=embeds)
+        # outside autocast, as torch advises: each op's backward runs in its forward's dtype regardless, and
+        # the norm hooks need no autocast to switch off
         loss.sum().backward()  # Σ_i ℓ_i: each example's gradient is its own
     cap.check()
     return ProbeResult(loss.detach(), sq)
