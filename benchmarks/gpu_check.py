@@ -483,7 +483,7 @@ def write(result: dict, folder: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # as curate.models.load_model does before the first cuBLAS call, so the probe measured here is the
-    # one curate runs (deterministic algorithms need it; see curate.gradients.deterministic)
+    # one curate runs (strict deterministic algorithms need it; see curate.determinism)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device (use --device cpu)", file=sys.stderr)

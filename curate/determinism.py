@@ -11,6 +11,7 @@ strict first; a model that raises is probed in warn-only mode from then on, with
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -19,6 +20,10 @@ import torch
 # (every CPU output is the same bytes on every run), so the flags stay off there.
 DEVICE_TYPES = ("cuda",)
 
+# torch's flags are process-wide: two scopes overlapping in threads of one process (a dask worker with
+# several threads) would cut each other's scope short and leave strict mode on after both. One at a time.
+_SCOPE = threading.RLock()
+
 
 @contextmanager
 def deterministic(device: torch.device, strict: bool = True):
@@ -26,19 +31,22 @@ def deterministic(device: torch.device, strict: bool = True):
     deterministic kernel raises RuntimeError; else it warns and runs its usual kernel); the previous
     settings restored after it, nothing done elsewhere. Uninitialised memory is not filled with NaN, as
     deterministic mode otherwise does on every torch.empty: no kernel the probe runs reads memory it has
-    not written, and the fill would cost a pass over every new buffer."""
+    not written, and the fill would cost a pass over every new buffer. Scopes in several threads of one
+    process run one at a time (the flags are process-wide)."""
     if device.type not in DEVICE_TYPES:
         yield
         return
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=not strict)
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.utils.deterministic.fill_uninitialized_memory = before[2]
+    with _SCOPE:
+        before = (torch.are_deterministic_algorithms_enabled(),
+                  torch.is_deterministic_algorithms_warn_only_enabled(),
+                  torch.utils.deterministic.fill_uninitialized_memory)
+        torch.use_deterministic_algorithms(True, warn_only=not strict)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+            torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 def is_determinism_error(error: BaseException) -> bool:

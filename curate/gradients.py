@@ -105,7 +105,9 @@ def _out_dtype_bmm(device: torch.device, dtype: torch.dtype) -> bool:
         one = torch.ones(1, 1, 1, device=device, dtype=dtype)
         try:
             _OUT_DTYPE_BMM[key] = torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            if determinism.is_determinism_error(e):  # strict mode refusing cuBLAS, not a missing kernel
+                raise
             _OUT_DTYPE_BMM[key] = False
     return _OUT_DTYPE_BMM[key]
 
@@ -470,8 +472,10 @@ def _probe(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor, attention_m
     with determinism.deterministic(input_ids.device, strict), _eager_experts(model, rmap), capture as cap:
         with amp:
             loss = token_nll(model, input_ids, attention_mask, loss_mask, inputs_embeds=embeds)
-        # outside autocast, as torch advises: each op's backward runs in its forward's dtype regardless, and
-        # the norm hooks need no autocast to switch off
-        loss.sum().backward()  # Σ_i ℓ_i: each example's gradient is its own
+        # with autocast off (torch's advice; a caller's autocast too): each op's backward runs in its
+        # forward's dtype regardless, an op the model runs in fp32 on purpose is not lowered in backward, and
+        # the norm hooks need no autocast context of their own
+        with torch.autocast(input_ids.device.type, enabled=False):
+            loss.sum().backward()  # Σ_i ℓ_i: each example's gradient is its own
     cap.check()
     return ProbeResult(loss.detach(), sq)

@@ -312,7 +312,7 @@ def load_model(ref: ModelRef, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     if str(device).startswith("cuda"):
-        # reproducible cuBLAS results need this before cuBLAS's first call (see gradients.deterministic)
+        # reproducible cuBLAS results need this before cuBLAS's first call (strict deterministic algorithms refuse cuBLAS without it; see curate.determinism)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device_map = plan_device_map(ref, device)
     with load_errors(ref, "model"):

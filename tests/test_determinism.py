@@ -112,3 +112,39 @@ def test_other_errors_are_not_retried(tiny_model, strict_on_cpu):
     finally:
         hook.remove()
     assert calls == [1] and getattr(tiny_model, "_curate_not_deterministic", None) is None
+
+
+def test_scopes_in_threads_run_one_at_a_time_and_restore_the_flags():
+    # the flags are process-wide: overlapping scopes would end each other's early and leave strict mode on
+    import threading
+
+    before = flags()
+    inside, seen = threading.Event(), []
+
+    def first():
+        with determinism.deterministic(torch.device("cuda")):
+            inside.set()
+            threading.Event().wait(0.3)
+            seen.append(("first ends", flags()))
+
+    def second():
+        inside.wait()
+        with determinism.deterministic(torch.device("cuda"), strict=False):
+            seen.append(("second runs", flags()))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [("first ends", (True, False, False)), ("second runs", (True, True, False))]
+    assert flags() == before
+
+
+def test_a_callers_autocast_does_not_reach_the_probe(tiny_model):
+    # an fp32 probe (autocast_dtype None) inside the caller's bf16 autocast gives the fp32 numbers
+    examples = make_examples(4)
+    clean = probe(tiny_model, examples)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = probe(tiny_model, examples)
+    assert torch.equal(clean[0], inside[0]) and torch.equal(clean[1], inside[1])

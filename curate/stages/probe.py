@@ -24,6 +24,9 @@ from curate.stages.configs import resolved_dtype
 
 # Bumped when the architecture map changes what an entry measures: older probe shards are recomputed.
 ROLE_MAP_VERSION = 2
+# Bumped when the probe's numerics change for some model: 2, backward with autocast off (under bf16/fp16,
+# an op a model runs in fp32 on purpose, such as Falcon's attention matmuls, was lowered in backward).
+NORMS_VERSION = 2
 # autocast dtype of each --dtype; tf32 keeps fp32 tensors and lets CUDA matmuls use TF32
 DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,7 +45,7 @@ class Probe(Stage):
 
     name = "probe"
     runs_model = True
-    version = {"role_map": ROLE_MAP_VERSION}
+    version = {"role_map": ROLE_MAP_VERSION, "norms": NORMS_VERSION}
     reads = ("input_ids", "loss_mask", "token_error")
     writes = pa.schema([("probe_loss", pa.float32()), ("grad_norms", pa.list_(pa.float32())),
                         ("grad_norm_total", pa.float32())] + [(m, pa.float32()) for m in schema.NORM_METRICS])
