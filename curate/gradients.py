@@ -124,6 +124,14 @@ def _bmm_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.float(), y.float())
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (torch < 2.4, which cannot say per device: assumed on)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return True
+
+
 def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Rows],
                                form: str | None = None) -> torch.Tensor:
     """(B, len(blocks)) fp32: ‖G_i[:, b]ᵀ A_i‖²_F for each example i and each block b of output features (a
@@ -149,7 +157,7 @@ def per_example_block_sq_norms(a: torch.Tensor, g: torch.Tensor, blocks: list[Ro
     gram = form == "gram" if form else gram_is_cheaper(t, d_in, d_out, len(blocks), _balance(a.device, low))
     # a caller's autocast would lower these matmuls' precision again (checked first: entering the context
     # costs more Python than a small module's whole norm step)
-    with torch.autocast(a.device.type, enabled=False) if torch.is_autocast_enabled(a.device.type) else nullcontext():
+    with torch.autocast(a.device.type, enabled=False) if _autocast_on(a.device.type) else nullcontext():
         if gram:
             aa = _bmm_fp32(a, a.transpose(1, 2))
             grams = [g if b is None else g[..., b] for b in blocks]
