@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `curate`
     sys.path.insert(0, str(REPO))
 
 from benchmarks import probe_bench  # noqa: E402
-from benchmarks._bench_utils import machine_info  # noqa: E402
+from benchmarks._bench_utils import machine_info, timed  # noqa: E402
 from curate import determinism, gradients  # noqa: E402
 
 # Real models' shapes (from their published config.json); weights are random.
@@ -122,9 +122,7 @@ def cuda_ms(fn, reps: int = 5) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+            times.append(timed(fn, "cpu") * 1e3)
     return sorted(times)[len(times) // 2]
 
 
@@ -287,14 +285,13 @@ def _profile(model, dev: str) -> dict:
     def probe():
         gradients.probe_batch(model, rmap, batch.input_ids, batch.attention, batch.loss_mask, amp)
 
-    def probe_with(types: tuple, strict: bool):  # the probe with deterministic algorithms on `types` only
+    def probe_with(types: tuple, strict: bool):  # one probe attempt, deterministic algorithms on `types` only
         def run():
-            real = (determinism.DEVICE_TYPES, getattr(model, "_curate_not_deterministic", None))
-            determinism.DEVICE_TYPES, model._curate_not_deterministic = types, None if strict else "timed"
+            real, determinism.DEVICE_TYPES = determinism.DEVICE_TYPES, types
             try:
-                probe()
+                gradients._probe(model, rmap, batch.input_ids, batch.attention, batch.loss_mask, amp, strict=strict)
             finally:
-                determinism.DEVICE_TYPES, model._curate_not_deterministic = real
+                determinism.DEVICE_TYPES = real
         return run
 
     def frozen_backward():

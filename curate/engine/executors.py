@@ -107,6 +107,8 @@ def on_own_gpu(fn: Callable, item):
 
     from curate.models import SINGLE_GPU
 
+    # this one key restored, not the whole environment (unittest.mock.patch.dict would also undo what the
+    # task set, such as load_model's CUBLAS_WORKSPACE_CONFIG for the model it keeps cached)
     before = os.environ.get(SINGLE_GPU)
     os.environ[SINGLE_GPU] = "1"
     try:
