@@ -197,12 +197,22 @@ class _Capture:
         self.rmap, self.sq, self.seq = rmap, sq, seq_len
         self.fired = [False] * len(rmap.entries)
         self.applied: set = set()
+        # what each site's hooks need and never changes within a batch, worked out once rather than at every
+        # application: its name for errors, its columns of sq (a slice where they are consecutive, always
+        # for the role maps curate builds: indexing with a list copies it to the GPU from host memory, which
+        # waits for every queued kernel, once per module) and its blocks of output features
+        self.layout = {id(site): self._layout(site) for site in rmap.sites}
+
+    def _layout(self, site: Site) -> tuple[str, list[int], slice | list[int], list[Rows]]:
+        cols = [c for c, _ in site.blocks]
+        where = slice(cols[0], cols[-1] + 1) if cols == list(range(cols[0], cols[-1] + 1)) else cols
+        return self.rmap.entries[cols[0]].name, cols, where, [rows for _, rows in site.blocks]
 
     def watch(self, site: Site, key, a: torch.Tensor, out: torch.Tensor, tokens: torch.Tensor | None = None):
         """One application of `site`'s weight (key: which one, e.g. an expert): a its input, out its output,
         tokens the flat index (example * T + position) of each row when a holds only some tokens."""
         b, t = self.sq.shape[0], self.seq
-        name = self.rmap.entries[site.blocks[0][0]].name
+        name, cols, where, blocks = self.layout[id(site)]
         if not isinstance(out, torch.Tensor):
             raise RuntimeError(f"{name}: its forward returns {type(out).__name__}, not the tensor of a linear map")
         if (id(site), key) in self.applied:
@@ -220,11 +230,6 @@ class _Capture:
                                f"its {b * t} flattened tokens; the probe cannot tell which example each row is")
         a = a.detach()  # a view: no copy, shared by the layers that read this input
         version = a._version
-        cols = [c for c, _ in site.blocks]
-        # a slice where the entries are consecutive (always, for the role maps curate builds): indexing with a
-        # list copies it to the GPU from host memory, which waits for every queued kernel, once per module
-        where = slice(cols[0], cols[-1] + 1) if cols == list(range(cols[0], cols[-1] + 1)) else cols
-        blocks = [rows for _, rows in site.blocks]
 
         def grad_hook(grad):
             nonlocal a
