@@ -366,7 +366,9 @@ def plain_head(model: nn.Module) -> bool:
     """Whether the model's logits are exactly its output embedding applied to its decoder's last hidden
     state (Llama, Qwen, Mistral, ...). Checked once per model: no post-processing key in its config, and
     its own forward on a few tokens gives the same logits. Models that post-process (see
-    _HEAD_POSTPROCESSING) or whose head is anything else take `target_logps`' own-forward path."""
+    _HEAD_POSTPROCESSING) or whose head is anything else take `target_logps`' own-forward path. RuntimeError
+    for a model whose forward from token ids differs from its forward from their embeddings, where every
+    path of target_logps starts."""
     cached = getattr(model, "_curate_plain_head", None)
     if cached is not None:
         return cached
@@ -374,14 +376,22 @@ def plain_head(model: nn.Module) -> bool:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     plain = not any(getattr(c, key, None) not in (None, 1, 1.0) for c in (config, text) for key in _HEAD_POSTPROCESSING)
     plain = plain and decoder(model) is not model  # no separate decoder to run: the model's own forward
-    if plain:
-        device = model.get_input_embeddings().weight.device
-        ids = torch.arange(1, 9, device=device).unsqueeze(0) % model.get_input_embeddings().num_embeddings
-        with torch.no_grad():
-            own = model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = decoder(model)(inputs_embeds=model.get_input_embeddings()(ids), use_cache=False).last_hidden_state
+    embed = model.get_input_embeddings()
+    ids = torch.arange(1, 9, device=embed.weight.device).unsqueeze(0) % embed.num_embeddings
+    with torch.no_grad():
+        own = model(input_ids=ids, use_cache=False).logits[0].float()
+        if plain:
+            hidden = decoder(model)(inputs_embeds=embed(ids), use_cache=False).last_hidden_state
             ours = model.get_output_embeddings()(hidden)[0].float().to(own.device)  # head on another GPU
-        plain = own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-5, atol=1e-6)
+            plain = own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-5, atol=1e-6)
+        if not plain:  # the probe's forward starts from embeddings: they must lead where the ids do
+            ours = model(inputs_embeds=embed(ids), use_cache=False).logits[0].float().to(own.device)
+            if own.shape != ours.shape or not torch.allclose(own, ours, rtol=1e-5, atol=1e-6):
+                raise RuntimeError(
+                    f"{type(model).__name__}: its forward from token ids differs from its forward from their input "
+                    "embeddings: it computes something from the ids that the embeddings skip (as Falcon-H1's "
+                    "embedding_multiplier and Gemma-3n's per-layer inputs do). The probe starts from the "
+                    "embeddings, so it would measure another function than the model; it cannot probe this model")
     model._curate_plain_head = plain
     return plain
 

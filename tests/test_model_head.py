@@ -58,3 +58,22 @@ def test_a_module_name_the_model_lacks_is_refused_with_the_names_it_has():
     with pytest.raises(ValueError) as e:
         role_map(model, ("q_proj",))
     assert "--modules" in str(e.value) and "qkv_proj" in str(e.value) and "gate_up_proj" in str(e.value)
+
+
+def _falcon_h1(embedding_multiplier: float):
+    torch.manual_seed(0)
+    config = transformers.FalconH1Config(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, mamba_d_ssm=64, mamba_n_heads=8,
+        mamba_d_head=8, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16,
+        embedding_multiplier=embedding_multiplier)
+    return transformers.FalconH1ForCausalLM(config).eval().requires_grad_(False)
+
+
+def test_a_model_whose_ids_and_embeddings_lead_apart_is_refused():
+    """Falcon-H1 scales its embeddings only when it is given token ids; the probe starts from embeddings and
+    would measure another function (norms off by up to 7× at a multiplier of 5), so it refuses."""
+    model = _falcon_h1(5.0)
+    with pytest.raises(RuntimeError, match="differs from its forward from their input embeddings"):
+        plain_head(model)
+    plain_head(_falcon_h1(1.0))  # the same family without the difference: no error
