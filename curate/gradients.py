@@ -390,7 +390,7 @@ def plain_head(model: nn.Module) -> bool:
                 raise RuntimeError(
                     f"{type(model).__name__}: its forward from token ids differs from its forward from their input "
                     "embeddings: it computes something from the ids that the embeddings skip (as Falcon-H1's "
-                    "embedding_multiplier and Gemma-3n's per-layer inputs do). The probe starts from the "
+                    "embedding_multiplier does). The probe starts from the "
                     "embeddings, so it would measure another function than the model; it cannot probe this model")
     model._curate_plain_head = plain
     return plain
