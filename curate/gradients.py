@@ -21,6 +21,7 @@ flattened input, so its rows are regrouped by example (zero rows pad them, addin
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -33,6 +34,10 @@ from curate import determinism
 from curate.roles import RoleMap, Rows, Site, decoder
 
 log = logging.getLogger(__name__)
+
+# The probe's hooks go on the model object, which threads of one process share (a dask worker with several
+# threads keeps one cached model): two probes at once would each see the other's forward. One at a time.
+_PROBING = threading.RLock()
 
 
 def per_example_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -457,7 +462,8 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
 
     On CUDA each batch runs under torch's strict deterministic algorithms (curate.determinism), so the same
     inputs give the same bytes; a model with an op that has no deterministic kernel is probed in warn-only
-    mode from its first such batch on, after one warning."""
+    mode from its first such batch on, after one warning. Probes in several threads of a process run one at
+    a time."""
     offloaded = [rmap.entries[s.blocks[0][0]].name for s in rmap.sites if s.kind == "functional" and (
         s.param.device.type == "meta" or all(p is not s.param for p in s.module.parameters()))]
     if offloaded:
@@ -467,8 +473,14 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
                            "parameter object, which offloading swaps at every forward. Keep the model's weights on "
                            "its GPUs (curate.models.load_model never offloads) and build the role map after "
                            "dispatching it")
-    plain_head(model)  # its one-time check runs a forward: not under the hooks below
-    args = (model, rmap, input_ids, attention_mask, loss_mask, autocast_dtype)
+    with _PROBING:
+        plain_head(model)  # its one-time check runs a forward: not under the hooks below
+        return _probe_deterministic_first(model, rmap, input_ids, attention_mask, loss_mask, autocast_dtype)
+
+
+def _probe_deterministic_first(*args) -> ProbeResult:
+    """_probe under strict deterministic algorithms, or warn-only from a model's first refusal on."""
+    model, input_ids = args[0], args[2]
     if getattr(model, "_curate_not_deterministic", None) is None:
         try:
             return _probe(*args, strict=True)

@@ -94,3 +94,21 @@ def test_weights_are_untouched_and_frozen(tiny_model):
     probe(tiny_model, make_examples(3))
     assert all(p.grad is None and not p.requires_grad for p in tiny_model.parameters())
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_probes_in_threads_of_one_process_give_what_each_gives_alone(family):
+    """A dask worker with several threads shares one cached model: the hooks of two probes at once would see
+    each other's forward (an error, or experts switched under the other probe), so they take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_architectures import build
+
+    model = build(family)
+    rmap = role_map(model)
+    batches = [batch(make_examples(3, seed=s)) for s in range(6)]
+    alone = [probe_batch(model, rmap, *b).sq_norms for b in batches]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda b: probe_batch(model, rmap, *b).sq_norms, batches * 2))
+    for i, sq in enumerate(together):
+        assert torch.equal(sq, alone[i % len(batches)])
