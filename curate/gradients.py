@@ -453,7 +453,9 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
                 autocast_dtype: torch.dtype | None = None) -> ProbeResult:
     """Loss and per-entry squared gradient norms (B, len(rmap.entries)) for a right-padded batch (padding
     after each example's tokens: exactness relies on it); model parameters frozen. RuntimeError when a
-    probed weight's gradient never arrives or a weight is applied twice.
+    probed weight's gradient never arrives or a weight is applied twice, and, from checks run once per model,
+    when its forward from ids differs from its forward from embeddings (plain_head) or the hooks would mix
+    examples' rows (_check_rows_are_examples).
 
     The model may be split across devices by accelerate (curate.models.load_model on several GPUs): each
     norm is formed on its layer's device and gathered on the inputs' device, as are the losses. Offloaded
@@ -475,7 +477,35 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
                            "dispatching it")
     with _PROBING:
         plain_head(model)  # its one-time check runs a forward: not under the hooks below
+        _check_rows_are_examples(model, rmap, input_ids.device)
         return _probe_deterministic_first(model, rmap, input_ids, attention_mask, loss_mask, autocast_dtype)
+
+
+def _check_rows_are_examples(model: nn.Module, rmap: RoleMap, device: torch.device) -> None:
+    """Once per model and set of entries: two identical examples in one batch must get identical norms. The hooks tell which
+    example a row of a layer's input belongs to from its shape alone, (B, T, d) or (B·T, d) batch-major; a
+    layer that runs sequence-first ((T, B, d), or flattened from it) would mix examples without an error
+    whenever B == T, or always once flattened. Here B = 2 and T = 3: a (T, B, d) input is refused by shape,
+    and rows read in the wrong order pair one example's tokens with the other's. RuntimeError naming the
+    entries that differ."""
+    checked = getattr(model, "_curate_rows_checked", None)
+    if checked is None:
+        checked = model._curate_rows_checked = set()
+    if tuple(rmap.names) in checked:
+        return
+    ids = (torch.arange(1, 4, device=device) % model.get_input_embeddings().num_embeddings).repeat(2, 1)
+    ones = torch.ones_like(ids)
+    res = _probe_deterministic_first(model, rmap, ids, ones, ones, None)
+    first, second = res.sq_norms.double()
+    scale = float(first.abs().max())
+    differ = ~torch.isclose(first, second, rtol=1e-4, atol=1e-9 * scale)
+    if differ.any() or not torch.isclose(res.loss[0], res.loss[1], rtol=1e-5):
+        names = [name for name, bad in zip(rmap.names, differ.tolist()) if bad]
+        raise RuntimeError(f"{type(model).__name__}: two identical examples in one batch got different gradient "
+                           f"norms ({', '.join(names[:4]) or 'and losses'}{' ...' if len(names) > 4 else ''}): the "
+                           "probe cannot tell which example each row of a layer's input belongs to (a layer that "
+                           "runs sequence-first, say), so it cannot probe this model")
+    checked.add(tuple(rmap.names))
 
 
 def _probe_deterministic_first(*args) -> ProbeResult:

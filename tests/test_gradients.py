@@ -112,3 +112,27 @@ def test_probes_in_threads_of_one_process_give_what_each_gives_alone(family):
         together = list(pool.map(lambda b: probe_batch(model, rmap, *b).sq_norms, batches * 2))
     for i, sq in enumerate(together):
         assert torch.equal(sq, alone[i % len(batches)])
+
+
+@pytest.mark.parametrize("flattened", [False, True])
+def test_a_layer_that_runs_sequence_first_is_refused_even_when_batch_and_length_agree(flattened):
+    """The hooks read a layer's rows as batch-major by shape; a (T, B, d) input passed for (B, T, d) when
+    B == T, or a (T·B, d) one always, would pair one example's tokens with another's and give wrong norms
+    without an error. Two identical examples, once per model, catch it."""
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    mlp = model.model.layers[1].mlp
+
+    def sequence_first(x):
+        b, t, d = x.shape
+        x = x.transpose(0, 1)
+        x = x.reshape(t * b, d) if flattened else x
+        y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return (y.reshape(t, b, -1) if flattened else y).transpose(0, 1)
+
+    mlp.forward = sequence_first
+    ids = torch.randint(1, 200, (4, 4))  # B == T: the shapes alone cannot tell the layout
+    ones = torch.ones_like(ids)
+    with pytest.raises(RuntimeError, match="identical examples|neither the batch's"):
+        probe_batch(model, role_map(model), ids, ones, ones)
