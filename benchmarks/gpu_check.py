@@ -319,7 +319,10 @@ def _profile(model, dev: str) -> dict:
     launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
     return {"shape": "qwen2.5-1.5b", "T": t, "B": n, "tokens": n * t, "ms": {k: round(v, 3) for k, v in ms.items()},
             "probe_minus_frozen_backward_ms": round(ms["probe"] - ms["frozen_backward"], 3),
-            "strict_deterministic": getattr(model, "_curate_not_deterministic", None) is None,
+            # None where deterministic algorithms are never turned on (CPU): the three probe timings are then
+            # the same computation
+            "strict_deterministic": getattr(model, "_curate_not_deterministic", None) is None
+            if dev in determinism.DEVICE_TYPES else None,
             "kernel_launches": launches, "top_ops_by_device_time": top}
 
 
@@ -381,8 +384,10 @@ def end_to_end(args, deadline: float) -> dict:
             except subprocess.TimeoutExpired as e:
                 rc, tail = "timeout", str(e)[-3000:]
             res = {"rc": rc, "wall_s": round(time.monotonic() - started, 1), "command": " ".join(cmd[2:]),
-                   # curate.gradients warns once when a model's probe cannot run strict deterministic algorithms
-                   "strict_deterministic": "without strict deterministic algorithms" not in tail}
+                   # curate.gradients warns once when a model's probe cannot run strict deterministic algorithms;
+                   # None where they are never turned on (CPU)
+                   "strict_deterministic": "without strict deterministic algorithms" not in tail
+                   if args.device in determinism.DEVICE_TYPES else None}
             manifest = dest / "manifest.json"
             if rc == 0 and manifest.exists():
                 m = json.loads(manifest.read_text())
