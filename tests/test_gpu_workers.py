@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +222,39 @@ def test_an_existing_cluster_gets_gpu_tasks_only_if_a_worker_declares_gpu(gpu_wo
         finally:
             executor.close()
     assert got == ([{"GPU": 1}] * 2 if gpu_workers else [{}] * 2)
+
+
+SCRIPT_IMPORTING_TORCH = """
+import json, torch
+from curate.engine.executors import make_executor
+
+def threads(_):
+    import torch
+    return torch.get_num_threads()
+
+if __name__ == "__main__":
+    torch.set_num_threads(3)
+    executor = make_executor(1, None, cuda=False)
+    try:
+        print(json.dumps(executor.map(threads, [0])))
+    finally:
+        executor.close()
+"""
+
+
+def test_workers_run_torch_with_the_callers_thread_count_when_the_script_imports_torch(tmp_path):
+    # a worker process runs the caller's script's imports again as it starts, before the worker's `env`
+    # arrives: torch would fix its thread count from dask's pre-spawn OMP_NUM_THREADS=1 (a float32 matmul
+    # then sums in another order than in the caller's process)
+    import json
+    import subprocess
+
+    script = tmp_path / "user_script.py"
+    script.write_text(SCRIPT_IMPORTING_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    env.pop("OMP_NUM_THREADS", None)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [3]

@@ -55,6 +55,10 @@ class DaskExecutor:
             # dask gives single-threaded workers OMP/MKL/OpenBLAS_NUM_THREADS=1; a float32 matmul sums in
             # another order with another thread count (1 ulp apart), so workers get this process's count
             env = {k: str(_torch_threads()) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+            # and each task sets it too: torch reads the variables when it is first imported, which a worker may
+            # do while it starts, before `env` arrives (spawn runs a calling script's imports again), and caps
+            # what they ask at the machine's cores
+            self.threads = _torch_threads()
             if cuda:
                 from curate.engine.gpu_cluster import local_gpu_cluster, worker_devices
 
@@ -66,6 +70,8 @@ class DaskExecutor:
                                             dashboard_address=None, env=env)
                 self.client = Client(self.cluster)
         self.remote = scheduler is not None
+        if self.remote:
+            self.threads = None  # an existing cluster's workers keep the thread count they were started with
         # where workers declare GPU=1: a local GPU cluster, or an existing cluster with such workers (on one
         # without, a task asking for GPU=1 would wait forever)
         self.gpu_workers = declares_gpu(self.client) if self.remote else cuda
@@ -80,6 +86,7 @@ class DaskExecutor:
 
         resources = {"GPU": 1} if gpu and self.gpu_workers else None
         task = partial(on_own_gpu, fn) if resources else fn
+        task = partial(with_torch_threads, self.threads, task) if self.threads else task
         futures = self.client.map(task, list(items), pure=False, resources=resources)
         position = {f.key: k for k, f in enumerate(futures)}
         with stage_bar(items, desc, cost) as bar:
@@ -98,6 +105,15 @@ def declares_gpu(client) -> bool:
     """Whether any worker of `client`'s cluster declares the resource GPU."""
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     return any(w.get("resources", {}).get("GPU") for w in workers.values())
+
+
+def with_torch_threads(threads: int, fn: Callable, item):
+    """fn(item) with torch using `threads` intra-op threads in this worker process."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return fn(item)
 
 
 def on_own_gpu(fn: Callable, item):
