@@ -82,3 +82,18 @@ def test_a_resolved_field_is_keyed_by_its_resolution():
     assert config_key(ProbeConfig(modules=("k", "q")))["modules"] == config_key(ProbeConfig(modules=("q", "k")))[
         "modules"] == [f"model.layers.{n}.self_attn.{m}_proj" for n in range(30) for m in "qk"]
     assert config_key(ProbeConfig(allow_partial=True)) == config_key(ProbeConfig())  # a covered model
+
+
+def test_an_upgrade_of_the_code_that_computes_a_stage_is_a_new_key(monkeypatch):
+    # torch's kernels, a model's forward in transformers, a tokenizer: an upgrade can change the numbers, so
+    # the shards computed before it are not mixed with the rows computed after
+    from curate.stages import base
+    from curate.stages.probe import Probe
+    from curate.stages.tokenize import Tokenize
+
+    probe, tokenize = Probe(ProbeConfig()), Tokenize(TokenizeConfig())
+    before = probe.identity(), tokenize.identity()
+    assert before[0]["libraries"]["torch"] and before[1]["libraries"]["tokenizers"]
+    real = base._version_of
+    monkeypatch.setattr(base, "_version_of", lambda name: "9.9" if name == "transformers" else real(name))
+    assert probe.identity() != before[0] and tokenize.identity() != before[1]

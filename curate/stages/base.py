@@ -6,9 +6,16 @@ stage joins them. A stage never knows how it is scheduled."""
 from __future__ import annotations
 
 from dataclasses import field, fields, is_dataclass
+from importlib.metadata import PackageNotFoundError, version as installed_version
 from typing import Any, Callable, ClassVar
 
 import pyarrow as pa
+
+
+# What Stage.libraries names: the code that turns text into tokens (a chat template runs on jinja2), and
+# the code that runs a model (a GGUF file's weights are dequantised by gguf)
+TOKENIZER_LIBRARIES = ("transformers", "tokenizers", "jinja2")
+MODEL_LIBRARIES = ("torch", "transformers", "tokenizers", "gguf")
 
 
 def no_effect(default: Any) -> Any:
@@ -73,11 +80,16 @@ class Stage:
         self.config = config
 
     version: ClassVar[dict] = {}  # bumped when the stage's code changes what it computes
+    # the installed distributions whose code computes this stage's output (a model's forward, a tokenizer):
+    # their versions are part of the cache key, so an upgrade never mixes its rows with cached ones
+    libraries: ClassVar[tuple[str, ...]] = ()
 
     def identity(self) -> dict:
         """Everything that changes this stage's output: part of every shard's cache key (config_key of
-        its config, and the stage's code version)."""
-        return {"stage": self.name, "config": config_key(self.config), **self.version}
+        its config, the stage's code version and its libraries' versions)."""
+        found = {name: _version_of(name) for name in self.libraries}
+        return {"stage": self.name, "config": config_key(self.config), **self.version,
+                **({"libraries": found} if found else {})}
 
     cost_unit: ClassVar[str] = "row"
 
@@ -100,3 +112,10 @@ class Stage:
         if out.num_rows != shard.num_rows:
             raise RuntimeError(f"stage {self.name} returned {out.num_rows} rows for {shard.num_rows}")
         return out.cast(self.writes)
+
+
+def _version_of(distribution: str) -> str | None:
+    try:
+        return installed_version(distribution)
+    except PackageNotFoundError:
+        return None

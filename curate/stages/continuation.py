@@ -16,7 +16,7 @@ import pyarrow as pa
 from curate import chat, generation, schema
 from curate.io.atomic import stable_hash
 from curate.messages import compact, parse_tools
-from curate.stages.base import Stage, shard_rows
+from curate.stages.base import MODEL_LIBRARIES, Stage, shard_rows
 
 
 def stage_of(record_id: str, stages: int) -> int:
@@ -38,6 +38,7 @@ class Continuation(Stage):
     cannot be paired."""
 
     name = "continuation"
+    libraries = MODEL_LIBRARIES + ("vllm",)
     runs_model = True
     reads = ("id", "messages", "tools")
     writes = pa.schema([("stage", pa.int32()), ("prompt", schema.MESSAGES), ("chosen", schema.MESSAGES),

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from curate import logprobs, models, rewards
 from curate.messages import parse_tools
-from curate.stages.base import Stage, shard_rows
+from curate.stages.base import MODEL_LIBRARIES, Stage, shard_rows
 
 LOGP_COLUMNS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -23,6 +23,7 @@ class PairScores(Stage):
     (the rm scores also without --reward-model)."""
 
     name = "pair_scores"
+    libraries = MODEL_LIBRARIES
     runs_model = True
     reads = ("prompt", "chosen", "rejected_text", "tools")
     writes = pa.schema([*[(c, pa.float64()) for c in LOGP_COLUMNS],

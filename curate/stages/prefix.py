@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from curate import chat, models
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import TOKENIZER_LIBRARIES, Stage
 
 # a cut after a token whose text ends a line, or ends a sentence and is followed by whitespace
 _LINE_END = re.compile(r"\n\s*$")
@@ -82,6 +82,7 @@ class Prefix(Stage):
     the template or tokenizer refuses."""
 
     name = "prefix"
+    libraries = TOKENIZER_LIBRARIES
     reads = ("messages", "tools")
     writes = pa.schema([("demo", pa.string()), ("demo_len_tokens", pa.int32()),
                         ("cut_points", pa.list_(pa.int32()))])

@@ -19,7 +19,7 @@ from curate import gradients, models, roles, schema
 from curate.batching import right_pad, token_batches
 from curate.corpus import route
 from curate.io.atomic import read_arrow
-from curate.stages.base import Stage
+from curate.stages.base import MODEL_LIBRARIES, Stage
 from curate.stages.configs import resolved_dtype
 
 # Bumped when the architecture map changes what an entry measures: older probe shards are recomputed.
@@ -44,6 +44,7 @@ class Probe(Stage):
     RoleMap order), their L2 total and the NORM_METRICS; null for rows with a token_error."""
 
     name = "probe"
+    libraries = MODEL_LIBRARIES
     runs_model = True
     version = {"role_map": ROLE_MAP_VERSION, "norms": NORMS_VERSION}
     reads = ("input_ids", "loss_mask", "token_error")

@@ -9,13 +9,14 @@ import pyarrow as pa
 
 from curate import rewards
 from curate.messages import parse_tools
-from curate.stages.base import Stage, shard_rows
+from curate.stages.base import MODEL_LIBRARIES, Stage, shard_rows
 
 
 class Reward(Stage):
     """The reward model's score of every record's whole conversation: `rm_score`, one float32 per record."""
 
     name = "reward"
+    libraries = MODEL_LIBRARIES
     runs_model = True
     reads = ("messages", "tools")
     writes = pa.schema([("rm_score", pa.float32())])

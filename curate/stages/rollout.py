@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from curate import chat, generation, schema, verifiers
 from curate.messages import parse_tools
-from curate.stages.base import Stage, shard_rows
+from curate.stages.base import MODEL_LIBRARIES, Stage, shard_rows
 
 
 def _bool_lists():
@@ -31,6 +31,7 @@ class Rollout(Stage):
     their turns; `rollout_error` instead for a record that cannot be rolled out."""
 
     name = "rollout"
+    libraries = MODEL_LIBRARIES + ("vllm",)
     reads = schema.columns(schema.RECORD)
     writes = pa.schema([("trajectories", pa.list_(schema.MESSAGES)), ("turn_correct", _bool_lists()),
                         ("turn_parseable", _bool_lists()), ("turn_answers", pa.list_(pa.list_(pa.string()))),

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from curate import chat, models
 from curate.messages import parse_tools
-from curate.stages.base import Stage
+from curate.stages.base import TOKENIZER_LIBRARIES, Stage
 
 
 class Tokenize(Stage):
@@ -21,6 +21,7 @@ class Tokenize(Stage):
     has no target token left."""
 
     name = "tokenize"
+    libraries = TOKENIZER_LIBRARIES
     version = {"encoding": chat.ENCODING_VERSION}
     reads = ("messages", "tools")
     writes = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
