@@ -258,3 +258,31 @@ def test_workers_run_torch_with_the_callers_thread_count_when_the_script_imports
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [3]
+
+
+def warn_in_a_worker(_):
+    import logging
+
+    logging.getLogger("curate.gradients").warning("probed without strict deterministic algorithms")
+    return os.getpid()
+
+
+def test_a_warning_logged_in_a_worker_reaches_this_process_handlers(caplog):
+    # the console and --log-file are this process's handlers; a worker's own stderr is not the job's log
+    import logging
+    import time
+
+    def forwarded():
+        return [r.name for r in caplog.records if "strict deterministic" in r.getMessage()]
+
+    executor = make_executor(1, None, cuda=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="curate"):
+            (pid,) = executor.map(warn_in_a_worker, [0])
+            deadline = time.monotonic() + 30  # records come as scheduler events, soon after the task's result
+            while not forwarded() and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        executor.close()
+    assert pid != os.getpid()
+    assert forwarded() == ["curate.gradients"]

@@ -5,6 +5,7 @@ order, so the output never depends on the executor."""
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Callable, Sequence
 
@@ -69,6 +70,9 @@ class DaskExecutor:
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                             dashboard_address=None, env=env)
                 self.client = Client(self.cluster)
+        # curate's warnings raised in a worker (a probe falling back from strict determinism, say) are handled
+        # here, by this process's handlers: the console and --log-file, not only a worker's stderr
+        self.client.forward_logging("curate", level=logging.WARNING)
         self.remote = scheduler is not None
         if self.remote:
             self.threads = None  # an existing cluster's workers keep the thread count they were started with
