@@ -61,6 +61,27 @@ def test_agent_transcript_cuts_at_turn_boundaries(smol_tokenizer):
     assert smol_tokenizer.decode(ids[turn_cut:]) == "take mug from shelf 1"
 
 
+def test_the_last_turn_is_whole_with_its_tool_calls_and_reasoning(smol_tokenizer):
+    """The demonstration ends where the last turn's closing token begins, whatever that turn writes: a tool
+    call after its text, or reasoning that happens to contain the text of its answer."""
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "transfer_to_human_agents", "arguments": json.dumps({"summary": "refund"})}}
+    messages = [{"role": "user", "content": "I want a refund."},
+                {"role": "assistant", "content": "Please hold on.", "tool_calls": [call]}]
+    rendered = chat.render(smol_tokenizer, messages)
+    demo = annotate(smol_tokenizer, messages)
+    assert demo.text.startswith("Please hold on.") and demo.text.endswith("</tool_call>")
+    assert "transfer_to_human_agents" in demo.text and demo.text in rendered
+    assert rendered[rendered.index(demo.text) + len(demo.text):].startswith("<|im_end|>")
+
+    thinking = [{"role": "user", "content": "Is 7 prime?"},
+                {"role": "assistant", "content": "Yes.",
+                 "reasoning_content": "7 has no divisors but 1 and 7, so the answer is Yes. Double-check: 7/2, 7/3."}]
+    demo = annotate(smol_tokenizer, thinking)
+    assert demo.text.startswith("<think>") and "Double-check: 7/2, 7/3." in demo.text
+    assert demo.text.endswith("</think>\n\nYes.")
+
+
 def test_no_assistant_text_gives_no_annotation(smol_tokenizer):
     assert annotate(smol_tokenizer, [{"role": "user", "content": "hi"}]) is None
 

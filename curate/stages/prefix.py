@@ -46,11 +46,23 @@ def demo_text(tokenizer, messages: list[dict], tools: list[dict] | None = None,
     text, spans = chat.assistant_spans(tokenizer, messages, tools, chat_template)
     if not spans:
         return "", []
-    last = [m for m in messages if m["role"] == "assistant"][-1]["content"]
-    end = text.find(last, spans[-1][0]) if last else -1
-    end = end + len(last) if end >= 0 else spans[-1][1]
-    start = spans[0][0]
+    start, end = spans[0][0], spans[-1][1]
+    # a span ends with what the template writes to close a turn (<|im_end|>, <|eot_id|>, ...): the policy's
+    # stop, not part of the demonstration. Everything the last turn writes before it stays: its reasoning,
+    # its text and its tool calls
+    closing = _special_tokens(tokenizer)
+    while (token := next((t for t in closing if text.endswith(t, start, end)), None)) is not None:
+        end -= len(token)
+    while end > start and text[end - 1].isspace():
+        end -= 1
     return text[start:end], [s - start for s, _ in spans[1:]]
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens (its named ones and added tokens marked special), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
+    return sorted((t for t in found if t), key=len, reverse=True)
 
 
 def cut_points(text: str, offsets: list[tuple[int, int]], turn_starts: list[int]) -> list[int]:
@@ -83,6 +95,9 @@ class Prefix(Stage):
 
     name = "prefix"
     libraries = TOKENIZER_LIBRARIES
+    # 2: the demonstration ends before the last turn's closing token, not after the first match of its content
+    # (which dropped a tool call after the text, or matched the text inside the turn's own reasoning)
+    version = {"demo": 2}
     reads = ("messages", "tools")
     writes = pa.schema([("demo", pa.string()), ("demo_len_tokens", pa.int32()),
                         ("cut_points", pa.list_(pa.int32()))])
