@@ -7,10 +7,10 @@ hands the policy a broken token to continue from, so we list the offsets L where
 line end, a sentence end or a turn boundary, and the trainer snaps its L to the nearest one. The ratio
 and its schedule stay the trainer's.
 
-`demo` is everything the policy would generate after the prompt: for a single reply its content, for an
-agent transcript the rendered text from the first assistant turn to the end of the last one (observations
-and template markup included, exactly as the model sees them). Token offsets count tokens of
-`tokenizer(demo, add_special_tokens=False)`."""
+`demo` is everything the policy would generate after the prompt: the rendered text from the first
+assistant turn to the end of the last one, before the token that closes it (observations and template
+markup included, exactly as the model sees them; for a plain single reply, its content). Token offsets
+count tokens of `tokenizer(demo, add_special_tokens=False)`."""
 
 from __future__ import annotations
 
