@@ -138,8 +138,9 @@ def normalize(raw: dict, fmt: str = "auto", default_tools: str | None = None) ->
         raise BadRecord(f"record does not fit format '{fmt}': {what}")
     notes: list[str] = []
     outcome = None
+    kept: dict = {}  # values a converter found deeper in the record, for its metadata
     if fmt == "webshop_session":
-        messages, truth, reward = convert_webshop_session(raw)
+        messages, truth, reward, kept = convert_webshop_session(raw, notes)
     else:
         messages, truth = _CONVERTERS[fmt](raw, notes)
         outcome = outcome_key(raw)
@@ -147,14 +148,11 @@ def normalize(raw: dict, fmt: str = "auto", default_tools: str | None = None) ->
     validate_messages(messages)
     truth, from_answer = _ground_truth(raw, truth, messages)
     tools = _record_tools(raw, default_tools, notes)
-    unread = None if len(raw) == 1 else raw.keys() - _READS[fmt]  # one field: the one detection saw
-    if unread:
-        unread.difference_update(_read_alternatives(fmt, raw))
-        unread.discard(outcome)
-        if from_answer:
-            unread.discard("answer")
+    unread = set() if len(raw) == 1 else raw.keys() - _READS[fmt]  # one field: the one detection saw
+    unread -= {*_read_alternatives(fmt, raw), outcome, *(("answer",) if from_answer else ())}
+    keys = unread | _partly_read(fmt, raw) | kept.keys()
     return Normalized(fmt, messages, truth if truth is None else check_unicode("ground truth", truth), reward,
-                      tools, tuple(notes), _metadata(raw, unread) if unread else None)
+                      tools, tuple(notes), _metadata({**raw, **kept}, keys) if keys else None)
 
 
 # The input fields each format reads, for `metadata` (every other field is kept there): these, and the
@@ -171,6 +169,13 @@ _READS = {fmt: frozenset((*keys, "ground_truth", "tools", "functions")) for fmt,
     "actions": ("action_history",),
     "webshop_session": ("pages", "session_id", "page", "url", "goal", "content", "reward"),
 }.items()}
+
+
+def _partly_read(fmt: str, raw: dict) -> set[str]:
+    """Fields a format reads only part of, kept whole in `metadata`: a Self-Instruct task's `instances`
+    when there are several (the first is the demonstration)."""
+    instances = raw.get("instances") if fmt == "alpaca" and "output" not in raw else None
+    return {"instances"} if isinstance(instances, list) and len(instances) > 1 else set()
 
 
 def _read_alternatives(fmt: str, raw: dict) -> tuple[str, ...]:

@@ -226,7 +226,8 @@ def _optional_str(raw: dict, key: str) -> str:
 
 
 def convert_alpaca(raw: dict, notes: list[str]) -> Converted:
-    """Alpaca (+ LLaMA-Factory's `system`/`history`); Self-Instruct seeds use their first instance."""
+    """Alpaca (+ LLaMA-Factory's `system`/`history`); a Self-Instruct task is demonstrated by its first
+    instance, and one with more keeps all of them in metadata (see adapters._partly_read), with a note."""
     instruction = require_str(raw, "instruction")
     example = raw
     if "output" not in raw:
@@ -234,6 +235,9 @@ def convert_alpaca(raw: dict, notes: list[str]) -> Converted:
         if not instances or not isinstance(instances[0], dict):
             raise BadRecord("field 'instances' must hold at least one {input, output} object")
         example = instances[0]
+        if len(instances) > 1:
+            notes.append("Self-Instruct task with several instances: the first is the demonstration, all are kept "
+                         "in metadata")
     extra = _optional_str(example, "input")
     out = [message("system", raw["system"])] if _optional_str(raw, "system").strip() else []
     for turn in raw.get("history") or []:

@@ -124,8 +124,15 @@ def _observation(visit: dict) -> str:
     return "search page"
 
 
-def convert_webshop_session(raw: dict) -> tuple[list[dict], str | None, float]:
-    """A grouped session {session_id, pages} (or one page visit) -> (messages, None, reward)."""
+# The fields of a page visit the conversation is made from; any other (the done page's reward_info, say) is kept
+_VISIT_FIELDS = frozenset(("page", "url", "goal", "content", "reward"))
+
+
+def convert_webshop_session(raw: dict, notes: list[str]) -> tuple[list[dict], str | None, float, dict]:
+    """A grouped session {session_id, pages} (or one page visit) -> (messages, None, reward, kept): `kept` holds
+    what the conversation does not, for the record's metadata: the whole goal (the task's asin, attributes,
+    options and price bound beside its instruction text) and the done page's other fields (reward_info: the
+    reward's breakdown). Other fields of earlier visits are named in `notes`."""
     pages = raw["pages"] if "pages" in raw else [raw]
     if not isinstance(pages, list) or not all(isinstance(p, dict) and p.get("page") in PAGE_TYPES for p in pages):
         raise BadRecord(f"webshop session: pages must be page-visit objects with 'page' in {list(PAGE_TYPES)}")
@@ -133,14 +140,20 @@ def convert_webshop_session(raw: dict) -> tuple[list[dict], str | None, float]:
     task = goal.get("instruction_text") if isinstance(goal, dict) else goal
     if not isinstance(task, str) or not task.strip():
         raise BadRecord(f"webshop session: goal has no instruction_text (goal is {type_name(goal)})")
-    messages, prev = [message("user", task)], None
+    messages, prev, unread = [message("user", task)], None, set()
     for visit in pages:
         action = _action(prev, visit)
         if action is not None:
             messages.append(message("assistant", action))
             if visit["page"] == "done":
-                return messages, None, as_outcome("reward", visit.get("reward"))
+                kept = {k: v for k, v in visit.items() if k not in _VISIT_FIELDS}
+                if isinstance(goal, dict) and goal.keys() - {"instruction_text"}:
+                    kept["goal"] = goal
+                if unread:
+                    notes.append(f"webshop page-visit fields {sorted(unread)} before the done page not kept")
+                return messages, None, as_outcome("reward", visit.get("reward")), kept
             messages.append(message("user", _observation(visit)))
+        unread |= visit.keys() - _VISIT_FIELDS
         prev = visit
     raise BadRecord("webshop session has no 'done' page (session not finished)")
 

@@ -37,7 +37,7 @@ from curate.stages.base import config_key, keyed, no_effect
 HELPERS_MIN_BYTES = 12 << 20
 # The version of what ingest makes of a record (ground-truth rules, number text, metadata), part of the
 # cache key with the record columns: a cache made by other rules is not reused.
-INGEST_RULES = 2
+INGEST_RULES = 3  # 3: WebShop goals and reward breakdowns, a Self-Instruct task's other instances in metadata
 
 
 @dataclass

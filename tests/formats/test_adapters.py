@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.formats.adapters import BadRecord, Normalized, iter_normalized
+from curate.formats.adapters import BadRecord, Normalized, iter_normalized, normalize
 from curate.io.readers import list_input_files, read_records
 
 EMPTY = "message 1: content is empty"
@@ -174,6 +174,10 @@ def test_webshop_human_sessions_one_record_per_file(data_dir):
         assert n.messages[-1] == {"role": "assistant", "content": "click[Buy Now]"}
         assert [m["role"] for m in n.messages[1:]] == ["assistant", "user"] * (len(n.messages) // 2 - 1) + ["assistant"]
         rewards.append(round(n.reward, 3))
+        # what the conversation does not hold is in metadata: the reward's breakdown and the whole goal (the
+        # target asin, attributes, options and price bound a verifier needs)
+        assert json.loads(n.metadata) == {"reward_info": lines[-1]["reward_info"], "goal": lines[0]["goal"]}
+        assert n.notes == ()
     assert rewards == [0.5, 0.5, 0.75, 1.0, 0.5, 0.667]  # SOURCE.md
 
 
@@ -187,3 +191,15 @@ def test_webshop_human_session_actions(data_dir):
     actions = [m["content"] for m in n.messages if m["role"] == "assistant"]
     assert actions == ["search[living room furniture]", "click[Back to Search]",
                        "search[living room and kitchen furniture]", "click[B09LYLKLVX]", "click[Buy Now]"]
+
+
+def test_a_self_instruct_task_with_several_instances_keeps_them_all():
+    raw = {"id": "t1", "instruction": "Classify the sentiment.",
+           "instances": [{"input": "I love it", "output": "positive"}, {"input": "I hate it", "output": "negative"}]}
+    n = normalize(raw)
+    assert n.messages == [{"role": "user", "content": "Classify the sentiment.\n\nI love it"},
+                          {"role": "assistant", "content": "positive"}]
+    assert json.loads(n.metadata) == {"id": "t1", "instances": raw["instances"]}
+    assert n.notes and "several instances" in n.notes[0]
+    one = normalize({**raw, "instances": raw["instances"][:1]})  # all of it read: nothing to keep, no note
+    assert json.loads(one.metadata) == {"id": "t1"} and one.notes == ()
