@@ -161,7 +161,7 @@ def convert_sharegpt(raw: dict, notes: list[str]) -> Converted:
         role = _role(i, speaker, SHAREGPT_ROLES, notes)
         value = m.get("value", m.get("content"))
         if isinstance(speaker, str) and speaker.lower() == "function_call":
-            out.append(canonical_message(i, role, {}, "", tools.sharegpt_calls(i, value, notes), notes))
+            out.append(canonical_message(i, role, m, "", tools.sharegpt_calls(i, value, notes), notes))
         else:
             out.append(canonical_message(i, role, m, value, tools.tool_calls(i, m.get("tool_calls"), notes), notes))
     return out, None

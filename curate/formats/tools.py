@@ -47,6 +47,10 @@ def _id(what: str, value: Any) -> str | None:
     raise BadRecord(f"{what} must be a string or an integer, got {type_name(value)}")
 
 
+# What a call (OpenAI's {id, type, function: {name, arguments}}, or a bare {name, arguments|parameters}) holds
+_CALL_KEYS = frozenset(("id", "type", "function", "name", "arguments", "parameters"))
+
+
 def _call(where: str, j: int, call: Any, notes: list[str]) -> dict:
     what = f"{where}: tool call {j}"
     if not isinstance(call, dict):
@@ -58,6 +62,10 @@ def _call(where: str, j: int, call: Any, notes: list[str]) -> dict:
     if kind != "function":
         raise BadRecord(f"{what} has type {kind!r}; only function calls are supported")
     args = fn.get("arguments", fn.get("parameters", {}))
+    unread = [k for k, v in call.items() if k not in _CALL_KEYS and v is not None]
+    unread += [f"function.{k}" for k, v in fn.items() if fn is not call and k not in _CALL_KEYS and v is not None]
+    if unread:
+        notes.append(f"tool call fields {unread} not kept")
     return {"id": _id(f"{what} id", call.get("id")), "type": "function",
             "function": {"name": check_unicode(f"{what} name", fn["name"]),
                          "arguments": _json_text(f"{what} arguments", args, notes)}}

@@ -225,7 +225,7 @@ def _ingest(config: IngestConfig, units: list[Path], write_shard: Callable[[int,
         res.counts["duplicates"] += records.num_rows - sum(keep)
         for row, found in result.notes.items():
             if row < len(keep) and keep[row]:
-                for note in found:
+                for note in set(found):  # once per record, however many of its messages have it
                     res.notes[note] = res.notes.get(note, 0) + 1
         shards.add(records, keep)
         if limited:

@@ -203,3 +203,16 @@ def test_a_self_instruct_task_with_several_instances_keeps_them_all():
     assert n.notes and "several instances" in n.notes[0]
     one = normalize({**raw, "instances": raw["instances"][:1]})  # all of it read: nothing to keep, no note
     assert json.loads(one.metadata) == {"id": "t1"} and one.notes == ()
+
+
+def test_fields_of_a_tool_call_or_a_function_call_turn_that_are_not_kept_are_noted():
+    call = {"id": "c1", "type": "function", "index": 0,
+            "function": {"name": "search", "arguments": "{}", "strict": True}}
+    n = normalize({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                                {"role": "tool", "tool_call_id": "c1", "content": "r"}, {"role": "assistant", "content": "a"}]})
+    assert n.messages[1]["tool_calls"] == [{"id": "c1", "type": "function",
+                                            "function": {"name": "search", "arguments": "{}"}}]
+    assert n.notes == ("tool call fields ['index', 'function.strict'] not kept",)
+    turns = [{"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f", "arguments": {}}', "weight": 0},
+             {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]
+    assert normalize({"conversations": turns}).notes == ("message field 'weight' not kept",)

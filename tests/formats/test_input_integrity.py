@@ -553,3 +553,11 @@ def test_case11_an_adapter_bug_is_a_quarantine_reason(monkeypatch):
     assert results[1].format == "messages"
     with pytest.raises(ValueError, match="unknown format 'csv'"):  # a usage error stays one
         list(adapters.iter_normalized("x", items, "csv"))
+
+
+def test_ingest_notes_count_records_not_messages(tmp_path):
+    two = {"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a", "weight": 0}]}
+    one = {"messages": [{"role": "user", "content": "r", "weight": 1}, {"role": "assistant", "content": "b"}]}
+    (tmp_path / "a.jsonl").write_text(jsonl([two, one]))
+    res, rows, _ = run_ingest([tmp_path / "a.jsonl"])
+    assert len(rows) == 2 and res.notes == {"message field 'weight' not kept": 2}
