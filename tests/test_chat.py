@@ -25,9 +25,22 @@ def test_mask_covers_every_assistant_turn_and_its_end_token(smol_tokenizer):
 def test_left_truncation_keeps_the_last_turns(smol_tokenizer):
     full = encode(smol_tokenizer, CONV)
     cut = encode(smol_tokenizer, CONV, max_length=12)
+    # the template's newline after the last <|im_end|> predicts nothing a loss counts: it goes before the start
+    end = len(full.input_ids) - 1
+    assert full.loss_mask[end - 1] == 1 and full.loss_mask[end:] == [0]
     assert cut.truncated and len(cut.input_ids) == 12
-    assert cut.input_ids == full.input_ids[-12:] and cut.loss_mask == full.loss_mask[-12:]
+    assert cut.input_ids == full.input_ids[:end][-12:] and cut.loss_mask == full.loss_mask[:end][-12:]
     assert masked_text(smol_tokenizer, cut).endswith("Very sure.<|im_end|>")
+
+
+def test_truncation_drops_what_follows_the_last_reply_before_the_context(smol_tokenizer):
+    # a conversation ending in a long tool result or user turn: the tail predicts nothing the loss counts
+    long_tail = CONV + [{"role": "user", "content": " ".join(["more"] * 200)}]
+    reply = encode(smol_tokenizer, CONV)
+    cut = encode(smol_tokenizer, long_tail, max_length=len(reply.input_ids))
+    assert cut.truncated and sum(cut.loss_mask) == sum(reply.loss_mask)
+    assert cut.input_ids == reply.input_ids[:-1]  # all of it up to the last reply's <|im_end|>, no context cut
+    assert masked_text(smol_tokenizer, cut) == "It is 4.<|im_end|>Yes.\nVery sure.<|im_end|>"
 
 
 def test_prompt_is_everything_before_the_first_answer():

@@ -95,7 +95,8 @@ __all__ = ["ENCODING_VERSION", "NOT_RECORD_ERRORS", "TOOLS_HEADER", "Encoded", "
 # role, arguments as given to templates that write them as text, 9-character probe call ids.
 # 3 = the tokenize stage also reports what a template writes nowhere (`unrendered`).
 # 4 = n_loss_tokens counts the tokens a model predicts (not the first one, which no position predicts).
-ENCODING_VERSION = 4
+# 5 = truncation drops what follows the last assistant token before it cuts the start.
+ENCODING_VERSION = 5
 
 
 @dataclass
@@ -144,8 +145,8 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
 
     `messages`: canonical messages (null optional fields allowed, as read from Arrow); `tools`: the
     record's function schemas (a list, or None); `chat_template`: a template text used instead of the
-    tokenizer's (e.g. for a base model without one). Over `max_length` tokens the start is cut so the
-    last turns are kept (`truncated`). A token is a target when it starts inside an assistant span.
+    tokenizer's (e.g. for a base model without one). Over `max_length` tokens, what follows the last
+    target goes first, then the start is cut so the last turns are kept (`truncated`). A token is a target when it starts inside an assistant span.
     Raises TemplateError (a ValueError, "chat template: ...") or, when the tokenizer refuses the
     rendered text, TokenizerError (a ValueError, "tokenizer: ...")."""
     text, spans, rendering, msgs = _layout(tokenizer, messages, tools, chat_template)
@@ -165,7 +166,10 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
             mask[t] = 1
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
-        ids, mask = ids[-max_length:], mask[-max_length:]
+        # what follows the last target changes no target's loss (the model is causal), so it goes first: a
+        # conversation ending in a long tool result or user turn keeps its replies
+        end = max((t + 1 for t, target in enumerate(mask) if target), default=len(ids))
+        ids, mask = ids[:end][-max_length:], mask[:end][-max_length:]
     return Encoded(ids, mask, truncated, rendering, unrendered(text, spans, msgs))
 
 
