@@ -169,7 +169,7 @@ def test_reroute_from_another_directory(raw_dir, tmp_path, tiny_model_dir, monke
         assert load(tmp_path / "elsewhere" / "again", part).equals(load(tmp_path / "routed", part))
 
 
-def test_truncation_is_counted_and_empty_results_quarantined(tmp_path, tiny_model_dir):
+def test_truncation_is_counted_and_keeps_the_replies(tmp_path, tiny_model_dir):
     raw = tmp_path / "raw.jsonl"
     long_tail = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "short answer"},
                               {"role": "user", "content": "observation " * 200}]}
@@ -179,9 +179,9 @@ def test_truncation_is_counted_and_empty_results_quarantined(tmp_path, tiny_mode
     assert main(["prism", "--input", str(raw), "--out", str(out), "--model", tiny_model_dir,
                  "--max-length", "64"]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert m["counts"]["truncated"] == 2 and m["counts"]["quarantined"] == 1
-    q = json.loads((out / "quarantine" / "part-00000.jsonl").read_text())
-    assert q["stage"] == "tokenize" and "after truncation to 64" in q["reason"]
+    # the long observation after the reply goes first, so the reply is kept and routed
+    assert m["counts"]["truncated"] == 2 and m["counts"]["quarantined"] == 0
+    assert m["counts"]["sft"] + m["counts"]["rl"] == 2
 
 
 def test_unreadable_file_is_an_input_error(tmp_path, tiny_model_dir, capsys):

@@ -57,9 +57,8 @@ class Tokenize(Stage):
             try:
                 enc = chat.encode(tok, messages, self.config.max_length, tools=parse_tools(record_tools),
                                   chat_template=self.config.chat_template)
-                if enc.n_loss_tokens == 0:
-                    error = (f"no assistant tokens left after truncation to {self.config.max_length} tokens"
-                             if enc.truncated else "no assistant tokens after the chat template")
+                if enc.n_loss_tokens == 0:  # truncation keeps the last assistant tokens (--max-length >= 2)
+                    error = "no assistant tokens after the chat template"
             except chat.NOT_RECORD_ERRORS:  # the machine's or the files', not this record's: stop the run
                 raise
             except Exception as e:  # noqa: BLE001 - anything the template or tokenizer raises on this record
