@@ -12,8 +12,6 @@ rows (up to float rounding of padded batches); reruns are identical. Temperature
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from curate import chat, logprobs, models
@@ -152,7 +150,7 @@ def _decode(tok, row: list[int], stops: list[int]) -> str:
     return tok.decode(row[:cut], skip_special_tokens=True).strip()
 
 
-@lru_cache(maxsize=1)
+@models.cached_while_unchanged(maxsize=1)
 def _vllm_engine(ref: models.ModelRef):
     """One vLLM engine per process. A GGUF needs an HF tokenizer folder: we save the one we load."""
     import tempfile

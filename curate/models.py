@@ -1,8 +1,8 @@
 """Model and tokenizer loading: the embedded SmolLM2 default, local HF folders and GGUF files.
 
-Nothing is fetched from a hub: every path is local. Each process loads a model once (lru_cache), which
-is what lets a dask worker keep its model across shards; the caches are keyed by the model files' stat
-(`ModelRef.stamp`), so files replaced or edited in place are read again, never served stale."""
+Nothing is fetched from a hub: every path is local. Each process loads a model once, which is what lets a
+dask worker keep its model across shards; the caches are keyed by the model files' stat
+(`cached_while_unchanged`), so files replaced or edited in place are read again, never served stale."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
@@ -53,13 +54,43 @@ class ModelRef:
         configs, tokenizer, chat template and code (top-level files with _DEFINING_SUFFIXES), sorted."""
         if self.gguf_file:
             return self.weight_files()
-        return sorted(p for p in Path(self.folder).iterdir()
-                      if p.suffix in _WEIGHT_SUFFIXES + _DEFINING_SUFFIXES and p.is_file())
+        folder = Path(self.folder)
+        named_templates = folder / "additional_chat_templates"  # transformers reads these too (tool_use, ...)
+        return sorted([*(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES + _DEFINING_SUFFIXES and p.is_file()),
+                       *(sorted(named_templates.glob("*.jinja")) if named_templates.is_dir() else [])])
 
     def stamp(self) -> tuple:
-        """(path, size, mtime in ns, inode) of every model file: changes when one is edited, replaced, added or
-        removed. The per-process caches below are keyed by it, so none of them outlives the files it read."""
-        return tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in self.model_files() for st in [f.stat()])
+        """(path, size, mtime and ctime in ns, inode) of every model file: changes when one is edited, replaced,
+        added or removed (ctime: even when the edit puts the mtime back). The per-process caches below are
+        keyed by it (`cached_while_unchanged`), so none of them outlives the files it read."""
+        return tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                     for f in self.model_files() for st in [f.stat()])
+
+
+def cached_while_unchanged(maxsize: int):
+    """A per-process cache of fn(ref, *args, **kwargs) (ref: a ModelRef), least recently used first out past `maxsize`,
+    whose entry for a model is dropped, and its value freed, before the model is read again once its files
+    change (`ModelRef.stamp`): a long-lived worker never serves or keeps a superseded model."""
+    def wrap(fn):
+        entries: OrderedDict = OrderedDict()
+
+        @wraps(fn)
+        def cached(ref: "ModelRef", *args, **kwargs):
+            key, stamp = (ref, args, tuple(sorted(kwargs.items()))), ref.stamp()
+            hit = entries.get(key)
+            if hit is not None and hit[0] == stamp:
+                entries.move_to_end(key)
+                return hit[1]
+            entries.pop(key, None)
+            value = fn(ref, *args, **kwargs)
+            entries[key] = (stamp, value)
+            while len(entries) > maxsize:
+                entries.popitem(last=False)
+            return value
+
+        cached.cache_clear = entries.clear
+        return cached
+    return wrap
 
 
 def resolve(spec: str | None, trust_remote_code: bool = False) -> ModelRef:
@@ -145,15 +176,11 @@ def load_errors(ref: ModelRef, what: str):
                          "is a weights or config file corrupt or incomplete?") from e
 
 
+@cached_while_unchanged(maxsize=8)
 def load_tokenizer(ref: ModelRef, require_template: bool = True):
     """The model's tokenizer (cached per process while its files are unchanged). ModelError when it has no
     chat template, unless the caller supplies one itself (`require_template=False`, e.g. prism's
     --chat-template)."""
-    return _load_tokenizer(ref, require_template, ref.stamp())
-
-
-@lru_cache(maxsize=8)
-def _load_tokenizer(ref: ModelRef, require_template: bool, _stamp: tuple):
     from transformers import AutoTokenizer
 
     with load_errors(ref, "tokenizer"):
@@ -202,14 +229,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@cached_while_unchanged(maxsize=2)
 def skeleton(ref: ModelRef):
     """The model's modules built from its config on the meta device: names and shapes, no weights, no
     memory. What the architecture map needs to accept or refuse a model before any work is done."""
-    return _skeleton(ref, ref.stamp())
-
-
-@lru_cache(maxsize=2)
-def _skeleton(ref: ModelRef, _stamp: tuple):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -335,16 +358,12 @@ def plan_device_map(ref: ModelRef, device: str) -> dict | None:
                      "free them, or probe a smaller model")
 
 
+@cached_while_unchanged(maxsize=2)
 def load_model(ref: ModelRef, device: str = "cpu"):
     """The frozen probe model in fp32 (autocast lowers matmul precision where asked, not the weights), on
     `device`; with device="cuda", split across the visible GPUs by accelerate when it does not fit one (see
     plan_device_map; its layers then run on their GPUs, and `model.hf_device_map` says which). Cached per
     process while the model's files are unchanged (a long-lived dask worker reloads edited weights)."""
-    return _load_model(ref, device, ref.stamp())
-
-
-@lru_cache(maxsize=2)
-def _load_model(ref: ModelRef, device: str, _stamp: tuple):
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -7,15 +7,13 @@ model's pad id, and a row never depends on its batch mates (the test checks it).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 
 from curate import chat, models
 
 
-@lru_cache(maxsize=2)
+@models.cached_while_unchanged(maxsize=2)
 def load_reward_model(ref: models.ModelRef, device: str = "cpu"):
     """(model, tokenizer) of a reward model on `device`, in eval mode without gradients (cached per
     process, two at most). ModelError unless it has one output (num_labels=1), or when its tokenizer has

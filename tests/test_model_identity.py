@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,33 @@ def test_replaced_weights_are_loaded_again(model_copy):
     assert models.identity(ref)["sha256"] != before
     assert not torch.equal(new, old)
     assert torch.equal(new, tiny_llama(vocab_size=vocab, seed=1).model.embed_tokens.weight)
+
+
+def test_a_superseded_model_is_freed_and_every_model_cache_follows_the_files(model_copy):
+    import gc
+    import weakref
+
+    from curate import generation, rewards
+
+    ref = models.resolve(str(model_copy))
+    old = weakref.ref(models.load_model(ref))
+    tiny_llama(vocab_size=models.load_model(ref).config.vocab_size, seed=2).save_pretrained(model_copy)
+    models.load_model(ref)
+    gc.collect()
+    assert old() is None  # a GPU worker would otherwise hold both models' weights
+    # every per-process cache of what a model folder holds is one of these (not a plain lru_cache by ref)
+    for cached in (rewards.load_reward_model, generation._vllm_engine, models.load_tokenizer, models.skeleton,
+                   models.load_model):
+        assert isinstance(getattr(cached.cache_clear, "__self__", None), OrderedDict), cached.__name__
+
+
+def test_a_named_template_in_its_subfolder_is_part_of_the_model(model_copy):
+    # transformers reads additional_chat_templates/*.jinja (a `tool_use` template renders records with tools)
+    ref = models.resolve(str(model_copy))
+    before = models.identity(ref)["sha256"]
+    (model_copy / "additional_chat_templates").mkdir()
+    (model_copy / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages[0]['content'] }}")
+    assert models.identity(ref)["sha256"] != before
 
 
 def test_files_that_do_not_define_the_model_leave_its_identity(model_copy):
