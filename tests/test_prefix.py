@@ -82,6 +82,27 @@ def test_the_last_turn_is_whole_with_its_tool_calls_and_reasoning(smol_tokenizer
     assert demo.text.endswith("</think>\n\nYes.")
 
 
+# A Phi-3-style template: every turn closes with <|end|> and a newline, the conversation with the end of text
+PHI3_STYLE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+# a base model's template given with --chat-template: its closing marker is plain text
+PLAIN = ("{% for m in messages %}### {{ m.role }}:\n{{ m.content }}\n### end\n{% endfor %}"
+         "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [PHI3_STYLE, PLAIN], ids=["phi3-style", "plain-text"])
+def test_the_closing_is_what_the_template_writes_after_a_reply(smol_tokenizer, template):
+    """Whatever closes the last reply (several tokens, or plain text) is left out, and nothing of the reply:
+    its own trailing whitespace (a code block's last newline) stays."""
+    reply = "```py\nx = 1\n```\n"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+    assert annotate(smol_tokenizer, messages, chat_template=template).text == reply
+    two = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A."}, {"role": "user", "content": "more"},
+           {"role": "assistant", "content": "B."}]
+    demo = annotate(smol_tokenizer, two, chat_template=template).text
+    assert demo.startswith("A.") and demo.endswith("B.") and "more" in demo
+
+
 def test_no_assistant_text_gives_no_annotation(smol_tokenizer):
     assert annotate(smol_tokenizer, [{"role": "user", "content": "hi"}]) is None
 

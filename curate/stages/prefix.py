@@ -14,6 +14,7 @@ count tokens of `tokenizer(demo, add_special_tokens=False)`."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -47,22 +48,27 @@ def demo_text(tokenizer, messages: list[dict], tools: list[dict] | None = None,
     if not spans:
         return "", []
     start, end = spans[0][0], spans[-1][1]
-    # a span ends with what the template writes to close a turn (<|im_end|>, <|eot_id|>, ...): the policy's
-    # stop, not part of the demonstration. Everything the last turn writes before it stays: its reasoning,
-    # its text and its tool calls
-    closing = _special_tokens(tokenizer)
-    while (token := next((t for t in closing if text.endswith(t, start, end)), None)) is not None:
-        end -= len(token)
-    while end > start and text[end - 1].isspace():
-        end -= 1
+    # a span ends with what the template writes to close the last turn (<|im_end|>, <|end|>\n<|endoftext|>):
+    # the policy's stop, not part of the demonstration. Everything the turn writes before it stays: its
+    # reasoning, its text and its tool calls, to the last character
+    closing = _closing(tokenizer, chat_template)
+    if closing and text.endswith(closing, start, end):
+        end -= len(closing)
     return text[start:end], [s - start for s, _ in spans[1:]]
 
 
-def _special_tokens(tokenizer) -> list[str]:
-    """The tokenizer's special tokens (its named ones and added tokens marked special), longest first."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    found = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
-    return sorted((t for t in found if t), key=len, reverse=True)
+def _closing(tokenizer, chat_template: str | None) -> str:
+    """What the template writes after the last reply of a conversation: the common end of the spans of two
+    one-reply conversations that differ only in their reply. Worked out once per tokenizer and template."""
+    known = tokenizer.__dict__.setdefault("_curate_closing", {})
+    if chat_template not in known:
+        ends = []
+        for reply in ("x", "y"):
+            text, spans = chat.assistant_spans(tokenizer, [{"role": "user", "content": "a"},
+                                                           {"role": "assistant", "content": reply}], None, chat_template)
+            ends.append(text[spans[-1][0]:spans[-1][1]][::-1])
+        known[chat_template] = os.path.commonprefix(ends)[::-1]
+    return known[chat_template]
 
 
 def cut_points(text: str, offsets: list[tuple[int, int]], turn_starts: list[int]) -> list[int]:
