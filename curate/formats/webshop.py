@@ -131,8 +131,9 @@ _VISIT_FIELDS = frozenset(("page", "url", "goal", "content", "reward"))
 def convert_webshop_session(raw: dict, notes: list[str]) -> tuple[list[dict], str | None, float, dict]:
     """A grouped session {session_id, pages} (or one page visit) -> (messages, None, reward, kept): `kept` holds
     what the conversation does not, for the record's metadata: the whole goal (the task's asin, attributes,
-    options and price bound beside its instruction text) and the done page's other fields (reward_info: the
-    reward's breakdown). Other fields of earlier visits are named in `notes`."""
+    options and price bound beside its instruction text), the purchase (the done page's content: asin,
+    options, price) and the done page's other fields (reward_info: the reward's breakdown). Other fields of
+    earlier visits are named in `notes`."""
     pages = raw["pages"] if "pages" in raw else [raw]
     if not isinstance(pages, list) or not all(isinstance(p, dict) and p.get("page") in PAGE_TYPES for p in pages):
         raise BadRecord(f"webshop session: pages must be page-visit objects with 'page' in {list(PAGE_TYPES)}")
@@ -147,6 +148,8 @@ def convert_webshop_session(raw: dict, notes: list[str]) -> tuple[list[dict], st
             messages.append(message("assistant", action))
             if visit["page"] == "done":
                 kept = {k: v for k, v in visit.items() if k not in _VISIT_FIELDS}
+                if isinstance(visit.get("content"), dict):  # what was bought: asin, options and its price
+                    kept["purchase"] = visit["content"]
                 if isinstance(goal, dict) and goal.keys() - {"instruction_text"}:
                     kept["goal"] = goal
                 if unread:

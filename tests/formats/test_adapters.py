@@ -176,7 +176,8 @@ def test_webshop_human_sessions_one_record_per_file(data_dir):
         rewards.append(round(n.reward, 3))
         # what the conversation does not hold is in metadata: the reward's breakdown and the whole goal (the
         # target asin, attributes, options and price bound a verifier needs)
-        assert json.loads(n.metadata) == {"reward_info": lines[-1]["reward_info"], "goal": lines[0]["goal"]}
+        assert json.loads(n.metadata) == {"reward_info": lines[-1]["reward_info"], "goal": lines[0]["goal"],
+                                          "purchase": lines[-1]["content"]}
         assert n.notes == ()
     assert rewards == [0.5, 0.5, 0.75, 1.0, 0.5, 0.667]  # SOURCE.md
 
