@@ -38,8 +38,9 @@ def test_truncation_drops_what_follows_the_last_reply_before_the_context(smol_to
     long_tail = CONV + [{"role": "user", "content": " ".join(["more"] * 200)}]
     reply = encode(smol_tokenizer, CONV)
     cut = encode(smol_tokenizer, long_tail, max_length=len(reply.input_ids))
-    assert cut.truncated and sum(cut.loss_mask) == sum(reply.loss_mask)
+    assert sum(cut.loss_mask) == sum(reply.loss_mask)
     assert cut.input_ids == reply.input_ids[:-1]  # all of it up to the last reply's <|im_end|>, no context cut
+    assert not cut.truncated  # the scores are those of the whole conversation
     assert masked_text(smol_tokenizer, cut) == "It is 4.<|im_end|>Yes.\nVery sure.<|im_end|>"
 
 

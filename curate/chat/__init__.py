@@ -146,7 +146,7 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
     `messages`: canonical messages (null optional fields allowed, as read from Arrow); `tools`: the
     record's function schemas (a list, or None); `chat_template`: a template text used instead of the
     tokenizer's (e.g. for a base model without one). Over `max_length` tokens, what follows the last
-    target goes first, then the start is cut so the last turns are kept (`truncated`). A token is a target when it starts inside an assistant span.
+    target goes first, then the start is cut so the last turns are kept (`truncated`: the start was cut). A token is a target when it starts inside an assistant span.
     Raises TemplateError (a ValueError, "chat template: ...") or, when the tokenizer refuses the
     rendered text, TokenizerError (a ValueError, "tokenizer: ...")."""
     text, spans, rendering, msgs = _layout(tokenizer, messages, tools, chat_template)
@@ -164,11 +164,13 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
             s += 1
         if s < len(spans) and spans[s][0] <= a < spans[s][1] and b > a:
             mask[t] = 1
-    truncated = max_length is not None and len(ids) > max_length
-    if truncated:
+    truncated = False
+    if max_length is not None and len(ids) > max_length:
         # what follows the last target changes no target's loss (the model is causal), so it goes first: a
-        # conversation ending in a long tool result or user turn keeps its replies
+        # conversation ending in a long tool result or user turn keeps its replies. Only a cut of the start
+        # changes the scores (less context), and only that is `truncated`
         end = max((t + 1 for t, target in enumerate(mask) if target), default=len(ids))
+        truncated = end > max_length
         ids, mask = ids[:end][-max_length:], mask[:end][-max_length:]
     return Encoded(ids, mask, truncated, rendering, unrendered(text, spans, msgs))
 

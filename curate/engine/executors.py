@@ -70,10 +70,12 @@ class DaskExecutor:
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                             dashboard_address=None, env=env)
                 self.client = Client(self.cluster)
-        # curate's warnings raised in a worker (a probe falling back from strict determinism, say) are handled
-        # here, by this process's handlers: the console and --log-file, not only a worker's stderr
-        self.client.forward_logging("curate", level=logging.WARNING)
         self.remote = scheduler is not None
+        if not self.remote:
+            # curate's warnings raised in a worker (a probe falling back from strict determinism, say) are
+            # handled here, by this process's handlers: the console and --log-file, not only a worker's stderr.
+            # Not on a cluster others share: its workers' records would reach every client connected to it
+            self.client.forward_logging("curate", level=logging.WARNING)
         if self.remote:
             self.threads = None  # an existing cluster's workers keep the thread count they were started with
         # where workers declare GPU=1: a local GPU cluster, or an existing cluster with such workers (on one

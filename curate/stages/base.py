@@ -12,9 +12,10 @@ from typing import Any, Callable, ClassVar
 import pyarrow as pa
 
 
-# What Stage.libraries names: the code that turns text into tokens (a chat template runs on jinja2), and
-# the code that runs a model (a GGUF file's weights are dequantised by gguf)
-TOKENIZER_LIBRARIES = ("transformers", "tokenizers", "jinja2")
+# What Stage.libraries names: the code that turns text into tokens (a chat template runs on jinja2; a GGUF
+# file's tokenizer is read by gguf), and the code that runs a model (a GGUF file's weights are dequantised
+# by gguf)
+TOKENIZER_LIBRARIES = ("transformers", "tokenizers", "jinja2", "gguf")
 MODEL_LIBRARIES = ("torch", "transformers", "tokenizers", "gguf")
 
 
