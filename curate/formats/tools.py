@@ -62,8 +62,9 @@ def _call(where: str, j: int, call: Any, notes: list[str]) -> dict:
     if kind != "function":
         raise BadRecord(f"{what} has type {kind!r}; only function calls are supported")
     args = fn.get("arguments", fn.get("parameters", {}))
-    unread = [k for k, v in call.items() if k not in _CALL_KEYS and v is not None]
-    unread += [f"function.{k}" for k, v in fn.items() if fn is not call and k not in _CALL_KEYS and v is not None]
+    read = _CALL_KEYS - ({"parameters"} if "arguments" in fn else set())  # `arguments` wins over `parameters`
+    unread = [k for k, v in call.items() if k not in read and v is not None]
+    unread += [f"function.{k}" for k, v in fn.items() if fn is not call and k not in read and v is not None]
     if unread:
         notes.append(f"tool call fields {unread} not kept")
     return {"id": _id(f"{what} id", call.get("id")), "type": "function",
