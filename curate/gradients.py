@@ -395,8 +395,8 @@ def plain_head(model: nn.Module) -> bool:
                 raise RuntimeError(
                     f"{type(model).__name__}: its forward from token ids differs from its forward from their input "
                     "embeddings: it computes something from the ids that the embeddings skip (as Falcon-H1's "
-                    "embedding_multiplier does). The probe starts from the "
-                    "embeddings, so it would measure another function than the model; it cannot probe this model")
+                    "embedding_multiplier does). The probe starts from the embeddings, so it would measure another "
+                    "function than the model; it cannot probe this model")
     model._curate_plain_head = plain
     return plain
 
@@ -482,8 +482,8 @@ def probe_batch(model: nn.Module, rmap: RoleMap, input_ids: torch.Tensor,
 
 
 def _check_rows_are_examples(model: nn.Module, rmap: RoleMap, device: torch.device) -> None:
-    """Once per model and set of entries: two identical examples in one batch must get identical norms. The hooks tell which
-    example a row of a layer's input belongs to from its shape alone, (B, T, d) or (B·T, d) batch-major; a
+    """Once per model and set of entries: two identical examples in one batch must get identical norms. The
+    hooks tell which example a row of a layer's input belongs to from its shape alone, (B, T, d) or (B·T, d) batch-major; a
     layer that runs sequence-first ((T, B, d), or flattened from it) would mix examples without an error
     whenever B == T, or always once flattened. Here B = 2 and T = 3: a (T, B, d) input is refused by shape,
     and rows read in the wrong order pair one example's tokens with the other's. RuntimeError naming the

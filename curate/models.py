@@ -56,8 +56,8 @@ class ModelRef:
             return self.weight_files()
         folder = Path(self.folder)
         named_templates = folder / "additional_chat_templates"  # transformers reads these too (tool_use, ...)
-        return sorted([*(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES + _DEFINING_SUFFIXES and p.is_file()),
-                       *(sorted(named_templates.glob("*.jinja")) if named_templates.is_dir() else [])])
+        beside = [p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES + _DEFINING_SUFFIXES and p.is_file()]
+        return sorted(beside + (list(named_templates.glob("*.jinja")) if named_templates.is_dir() else []))
 
     def stamp(self) -> tuple:
         """(path, size, mtime and ctime in ns, inode) of every model file: changes when one is edited, replaced,
@@ -68,8 +68,8 @@ class ModelRef:
 
 
 def cached_while_unchanged(maxsize: int):
-    """A per-process cache of fn(ref, *args, **kwargs) (ref: a ModelRef), least recently used first out past `maxsize`,
-    whose entry for a model is dropped, and its value freed, before the model is read again once its files
+    """A per-process cache of fn(ref, *args, **kwargs) (ref: a ModelRef), least recently used first out past
+    `maxsize`, whose entry for a model is dropped, and its value freed, before the model is read again once its files
     change (`ModelRef.stamp`): a long-lived worker never serves or keeps a superseded model."""
     def wrap(fn):
         entries: OrderedDict = OrderedDict()
@@ -368,7 +368,8 @@ def load_model(ref: ModelRef, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     if str(device).startswith("cuda"):
-        # reproducible cuBLAS results need this before cuBLAS's first call (strict deterministic algorithms refuse cuBLAS without it; see curate.determinism)
+        # reproducible cuBLAS results need this before cuBLAS's first call (strict deterministic algorithms
+        # refuse cuBLAS without it; see curate.determinism)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device_map = plan_device_map(ref, device)
     with load_errors(ref, "model"):

@@ -146,7 +146,8 @@ def encode(tokenizer, messages: list[dict], max_length: int | None = None, tools
     `messages`: canonical messages (null optional fields allowed, as read from Arrow); `tools`: the
     record's function schemas (a list, or None); `chat_template`: a template text used instead of the
     tokenizer's (e.g. for a base model without one). Over `max_length` tokens, what follows the last
-    target goes first, then the start is cut so the last turns are kept (`truncated`: the start was cut). A token is a target when it starts inside an assistant span.
+    target goes first, then the start is cut so the last turns are kept (`truncated`: the start was
+    cut). A token is a target when it starts inside an assistant span.
     Raises TemplateError (a ValueError, "chat template: ...") or, when the tokenizer refuses the
     rendered text, TokenizerError (a ValueError, "tokenizer: ...")."""
     text, spans, rendering, msgs = _layout(tokenizer, messages, tools, chat_template)

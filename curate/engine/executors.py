@@ -52,6 +52,7 @@ class DaskExecutor:
 
         if scheduler:
             self.client, self.cluster = Client(scheduler), None
+            self.threads = None  # an existing cluster's workers keep the thread count they were started with
         else:
             # dask gives single-threaded workers OMP/MKL/OpenBLAS_NUM_THREADS=1; a float32 matmul sums in
             # another order with another thread count (1 ulp apart), so workers get this process's count
@@ -76,8 +77,6 @@ class DaskExecutor:
             # handled here, by this process's handlers: the console and --log-file, not only a worker's stderr.
             # Not on a cluster others share: its workers' records would reach every client connected to it
             self.client.forward_logging("curate", level=logging.WARNING)
-        if self.remote:
-            self.threads = None  # an existing cluster's workers keep the thread count they were started with
         # where workers declare GPU=1: a local GPU cluster, or an existing cluster with such workers (on one
         # without, a task asking for GPU=1 would wait forever)
         self.gpu_workers = declares_gpu(self.client) if self.remote else cuda
